@@ -1,0 +1,7 @@
+"""Subclassable callbacks of fluxlora, importable as `fluxlora.callbacks`."""
+
+from fluxlora.callbacks.loss_summary import LossSummary
+from fluxlora.callbacks.lora_saver import LoRASaver
+from fluxlora.callbacks.sampler import TimedSampler
+
+__all__ = ["LoRASaver", "LossSummary", "TimedSampler"]

@@ -1,0 +1,101 @@
+r"""Writes the LoRA file a user loads: every N epochs/steps and at the end, atomically, in kohya or diffusers keys."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from safetensors.torch import save
+from typing_extensions import override
+
+from fluxlora.atomic import atomic_write_bytes
+from fluxlora.lora import diffusers_state_dict, kohya_state_dict, training_metadata
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("kohya", "diffusers", "both")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class LoRASaver(L.Callback):
+    """Save the trained LoRA as safetensors in FluxGym's layout.
+
+    `<name>-000004.safetensors` after every `every_n_epochs` epochs (or `<name>-step00000100` every
+    `every_n_steps` steps) and `<name>.safetensors` when training ends. Files are written to a temp name in
+    the destination folder and renamed, so a crash never leaves a torn LoRA file. The diffusers variant is
+    `<name>.diffusers.safetensors`.
+
+    Args:
+        output_dir: the run's stable output folder.
+        name: the file stem (the run name).
+        format: kohya | diffusers | both.
+        every_n_epochs: save after every N epochs; None or 0 = off.
+        every_n_steps: save every N optimizer steps; None or 0 = off.
+        dtype: bf16 | fp16 | fp32 for the saved tensors.
+        metadata: extra `ss_*` values (strings or JSON-able) for the header.
+
+    Example::
+
+        trainer = Trainer(callbacks=[LoRASaver("outputs/mychar", "mychar", every_n_epochs=4)])
+    """
+
+    def __init__(self, output_dir: str, name: str, format: str = "kohya", every_n_epochs: Optional[int] = None,
+                 every_n_steps: Optional[int] = None, dtype: str = "bf16", metadata: Optional[dict] = None) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"output.format={format!r} is not one of {FORMATS}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"output.dtype={dtype!r} is not one of {tuple(_DTYPES)}")
+        for key, v in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{key} must be a non-negative int or None, got {v!r}")
+        self._dir = Path(output_dir)
+        self._name = str(name)
+        self._format = format
+        self._every_epochs = every_n_epochs or 0
+        self._every_steps = every_n_steps or 0
+        self._dtype = _DTYPES[dtype]
+        self._metadata = dict(metadata or {})
+        self.saved: list[Path] = []
+
+    def save(self, pl_module: L.LightningModule, stem: str, trainer: L.Trainer) -> list[Path]:
+        """Write `<stem>.safetensors` (and/or the diffusers variant); returns the written paths."""
+        info = {"name": self._name, "guidance": getattr(pl_module, "has_guidance", True),
+                "steps": trainer.global_step, "epoch": trainer.current_epoch, **self._metadata}
+        meta = training_metadata(pl_module.lora_settings, info)
+        paths = []
+        if self._format in ("kohya", "both"):
+            paths.append(self._write(kohya_state_dict(pl_module.transformer, self._dtype), meta, f"{stem}.safetensors"))
+        if self._format in ("diffusers", "both"):
+            suffix = ".safetensors" if self._format == "diffusers" else ".diffusers.safetensors"
+            paths.append(self._write(diffusers_state_dict(pl_module.transformer, self._dtype), meta, stem + suffix))
+        self.saved.extend(paths)
+        return paths
+
+    def _write(self, tensors: dict, meta: dict, filename: str) -> Path:
+        path = self._dir / filename
+        atomic_write_bytes(path, save({k: v.cpu() for k, v in tensors.items()}, metadata=meta))
+        log.info("saved LoRA %s (%d tensors)", path, len(tensors))
+        return path
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._every_steps and step > 0 and step % self._every_steps == 0 and trainer.is_global_zero:
+            self.save(pl_module, f"{self._name}-step{step:08d}", trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        if self._every_epochs and epoch % self._every_epochs == 0 and not last and trainer.is_global_zero:
+            self.save(pl_module, f"{self._name}-{epoch:06d}", trainer)
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.save(pl_module, self._name, trainer)

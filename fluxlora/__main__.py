@@ -1,0 +1,38 @@
+"""`python -m fluxlora`: the Hydra entry point."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from fluxlora.errors import FluxLoraError
+
+log = logging.getLogger("fluxlora")
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@hydra.main(version_base="1.3", config_path="pkg://fluxlora.conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from fluxlora.train import run
+
+    try:
+        return run(cfg)
+    except FluxLoraError as e:
+        log.error("%s", e)
+        if _is_multirun():
+            raise  # Hydra records the failed job and the sweep goes on
+        print(f"fluxlora: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Model loading: the embedded tiny Flux, or real weights from local paths (never from a hub)."""
+
+from fluxlora.models.components import FluxComponents, load_components
+
+__all__ = ["FluxComponents", "load_components"]

@@ -1,0 +1,135 @@
+"""FluxLoRAModule: flow-matching training of peft LoRA adapters on diffusers' FluxTransformer2DModel.
+
+The step sees only cached tensors: VAE latents, T5 sequence, CLIP pooled embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from fluxlora import flow as fm
+from fluxlora.errors import FluxLoraError
+from fluxlora.lora import LoraSettings, inject, lora_parameters
+from fluxlora.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+NONFINITE = ("stop", "skip")
+
+
+class FluxLoRAModule(L.LightningModule):
+    """Trains LoRA adapters on a frozen Flux transformer.
+
+    Args:
+        transformer: a diffusers `FluxTransformer2DModel` (memory settings already applied).
+        lora: which layers get adapters, rank and alpha.
+        flow: σ sampling and loss.
+        optim: the `optim` config node (name, lr, scheduler, warmup_steps, ...).
+        total_steps: optimizer steps of the whole run (for schedules).
+        compute_dtype: dtype of the transformer's inputs.
+        nonfinite: `stop` ends the run at the first NaN/inf loss; `skip` drops the step and counts.
+        max_nonfinite_skips: with `skip`, how many steps may be dropped before the run stops.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, lora: LoraSettings, flow: fm.FlowConfig, optim: Any,
+                 total_steps: int, compute_dtype: torch.dtype = torch.float32, nonfinite: str = "stop",
+                 max_nonfinite_skips: int = 10) -> None:
+        super().__init__()
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"train.nonfinite={nonfinite!r} is not one of {NONFINITE}")
+        self.transformer = transformer
+        self.lora_settings = lora
+        self.flow = flow
+        self.optim_cfg = optim
+        self.total_steps = int(total_steps)
+        self.compute_dtype = compute_dtype
+        self.nonfinite = nonfinite
+        self.max_nonfinite_skips = int(max_nonfinite_skips)
+        self.nonfinite_skips = 0
+        self.adapted = inject(transformer, lora)
+        transformer.train()  # Lightning warns about eval-mode modules; Flux has no dropout outside LoRA
+        self.has_guidance = bool(transformer.config.guidance_embeds)
+        n = sum(p.numel() for p in lora_parameters(transformer).values())
+        log.info("LoRA r=%d alpha=%g on %d layers (%s blocks): %.2fM trainable parameters",
+                 lora.rank, lora.alpha, len(self.adapted), lora.train_blocks, n / 1e6)
+
+    def flow_loss(self, batch: dict) -> torch.Tensor:
+        """The flow-matching loss of one batch of cached tensors."""
+        latents = batch["latents"].to(self.device, torch.float32)
+        b, _, h, w = latents.shape
+        x0 = fm.pack_latents(latents)
+        noise = torch.randn_like(x0)
+        sigma = fm.sample_sigmas(self.flow, b, x0.shape[1], device=self.device)
+        xt = fm.noise_latents(x0, noise, sigma).to(self.compute_dtype)
+        t5 = batch["t5"].to(self.device, self.compute_dtype)
+        guidance = torch.full((b,), self.flow.guidance_scale, device=self.device) if self.has_guidance else None
+        pred = self.transformer(
+            hidden_states=xt,
+            encoder_hidden_states=t5,
+            pooled_projections=batch["pooled"].to(self.device, self.compute_dtype),
+            timestep=sigma.to(self.compute_dtype),
+            img_ids=fm.image_ids(h, w, device=self.device, dtype=self.compute_dtype),
+            txt_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=self.compute_dtype),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return fm.flow_loss(pred, noise - x0, self.flow.loss, self.flow.huber_c)
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        loss = self.flow_loss(batch)
+        if not torch.isfinite(loss):
+            return self._on_nonfinite(loss, batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["latents"].shape[0])
+        return loss
+
+    def _on_nonfinite(self, loss: torch.Tensor, batch: dict) -> None:
+        files = ", ".join(batch.get("path", [])) or "?"
+        where = f"non-finite loss ({loss.item()}) at step {self.global_step} on batch [{files}]"
+        if self.nonfinite == "stop":
+            raise FluxLoraError(f"{where}; lower optim.lr or set train.nonfinite=skip")
+        self.nonfinite_skips += 1
+        log.warning("%s: step skipped (%d/%d)", where, self.nonfinite_skips, self.max_nonfinite_skips)
+        if self.nonfinite_skips > self.max_nonfinite_skips:
+            raise FluxLoraError(f"{where}; more than {self.max_nonfinite_skips} non-finite steps skipped")
+        return None  # Lightning skips backward and the optimizer step
+
+    @override
+    def configure_optimizers(self) -> dict:
+        opt = build_optimizer(lora_parameters(self.transformer).values(), self.optim_cfg)
+        sched = build_scheduler(opt, self.optim_cfg, self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "name": "lr"}}
+
+    # Checkpoints hold the LoRA weights only, never the frozen base model.
+    @override
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return {f"transformer.{n}": p.detach() for n, p in lora_parameters(self.transformer).items()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        own = self.state_dict()
+        unexpected = [k for k in state_dict if k not in own]
+        missing = [k for k in own if k not in state_dict]
+        if strict and (unexpected or missing):
+            raise RuntimeError(f"LoRA state does not match this model: {len(missing)} missing "
+                               f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        with torch.no_grad():
+            params = lora_parameters(self.transformer)
+            for k, v in state_dict.items():
+                name = k.removeprefix("transformer.")
+                if name in params:
+                    params[name].copy_(v)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fluxlora"] = {"nonfinite_skips": self.nonfinite_skips, "adapted": self.adapted}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_skips = checkpoint.get("fluxlora", {}).get("nonfinite_skips", 0)

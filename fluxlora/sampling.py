@@ -1,0 +1,112 @@
+"""Sample prompts in kohya's format and rendering them with diffusers' FluxPipeline.
+
+Prompt encodings are computed once, while the text encoders are loaded, so sampling needs only the
+transformer (with its LoRA) and the VAE.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fluxlora.errors import FluxLoraError
+
+_FLAG = re.compile(r"\s--([a-z])\s+")
+
+
+@dataclass
+class SamplePrompt:
+    """One line of a kohya sample-prompts file: `prompt --w 512 --h 512 --d 42 --s 20 --g 3.5 --n negative`."""
+
+    prompt: str
+    width: int = 512
+    height: int = 512
+    seed: int = 42
+    steps: int = 20
+    guidance: float = 3.5
+    negative: str = ""
+    embeds: dict = field(default_factory=dict, repr=False)
+
+
+def parse_prompt_line(line: str, defaults: dict | None = None) -> SamplePrompt:
+    """Parse one kohya prompt line; unknown flags are ignored as sd-scripts does (`--l` CFG scale included)."""
+    d = dict(defaults or {})
+    parts = _FLAG.split(" " + line.strip())
+    sp = SamplePrompt(prompt=parts[0].strip(), **d)
+    for flag, value in zip(parts[1::2], parts[2::2]):
+        value = value.strip()
+        try:
+            if flag == "w":
+                sp.width = int(value)
+            elif flag == "h":
+                sp.height = int(value)
+            elif flag == "d":
+                sp.seed = int(value)
+            elif flag == "s":
+                sp.steps = int(value)
+            elif flag == "g":
+                sp.guidance = float(value)
+            elif flag == "n":
+                sp.negative = value
+        except ValueError as e:
+            raise FluxLoraError(f"sample prompt {line!r}: --{flag} {value!r} is not a number") from e
+    return sp
+
+
+def load_prompts(lines: list[str] | None, file: str | None, defaults: dict) -> list[SamplePrompt]:
+    """Prompts from a kohya prompts file and/or a list; blank lines and `#` comments are skipped."""
+    raw = list(lines or [])
+    if file:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise FluxLoraError(f"sample prompts file {path} does not exist")
+        raw += path.read_text(encoding="utf-8").splitlines()
+    return [parse_prompt_line(x, defaults) for x in raw if x.strip() and not x.lstrip().startswith("#")]
+
+
+class SampleRenderer:
+    """Renders prompts with FluxPipeline from precomputed embeddings."""
+
+    def __init__(self, components, prompts: list[SamplePrompt], encode_device: torch.device, max_length: int) -> None:
+        from fluxlora.encode import encode_prompts
+
+        self.c = components
+        self.prompts = prompts
+        if prompts:
+            enc = encode_prompts(components, [p.prompt for p in prompts], encode_device, max_length)
+            for i, p in enumerate(prompts):
+                p.embeds = {"t5": enc["t5"][i:i + 1].cpu(), "pooled": enc["pooled"][i:i + 1].cpu()}
+
+    @torch.no_grad()
+    def render(self, prompt: SamplePrompt, device: torch.device, dtype: torch.dtype) -> Image.Image:
+        from diffusers import FluxPipeline
+
+        c = self.c
+        pipe = FluxPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=None, tokenizer=c.tokenizer,
+                            text_encoder_2=None, tokenizer_2=c.tokenizer_2, transformer=c.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        gen = torch.Generator("cpu").manual_seed(prompt.seed)
+        align = pipe.vae_scale_factor * 2
+        out = pipe(
+            prompt_embeds=prompt.embeds["t5"].to(device, dtype),
+            pooled_prompt_embeds=prompt.embeds["pooled"].to(device, dtype),
+            height=max(align, prompt.height // align * align), width=max(align, prompt.width // align * align),
+            num_inference_steps=prompt.steps, guidance_scale=prompt.guidance, generator=gen, output_type="pil",
+        )
+        return out.images[0]
+
+
+def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile images (of possibly different sizes) left to right, top to bottom."""
+    cols = cols or min(4, len(images))
+    rows = (len(images) + cols - 1) // cols
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    sheet = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet

@@ -1,0 +1,147 @@
+"""One training run, from a composed config: model → cache → LoRA module → Lightning fit → LoRA file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from fluxlora.data import FluxDataModule
+from fluxlora.encode import cache_encoder, move_encoders
+from fluxlora.errors import FluxLoraError
+from fluxlora.flow import FlowConfig
+from fluxlora.lora import LoraSettings
+from fluxlora.memory import MemorySettings, apply_memory_settings
+from fluxlora.models import load_components
+from fluxlora.models.components import resolve_dtype
+from fluxlora.module import FluxLoRAModule
+
+log = logging.getLogger("fluxlora")
+
+
+def settings(cls, node: Any):
+    """A settings dataclass from a config node; a bad value becomes a one-line FluxLoraError."""
+    known = {f.name for f in fields(cls)}
+    values = OmegaConf.to_container(node, resolve=True)
+    unknown = set(values) - known
+    if unknown:
+        raise FluxLoraError(f"unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise FluxLoraError(str(e)) from e
+
+
+def job_name(cfg: DictConfig) -> str:
+    """The run name; a sweep job gets its job number appended so jobs never share a folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    name = str(cfg.name)
+    if not re.fullmatch(r"[\w.\-]+", name):
+        raise FluxLoraError(f"name={name!r} may hold only letters, digits, '.', '_' and '-'")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        name = f"{name}_{HydraConfig.get().job.num}"
+    return name
+
+
+def device_for(cfg: DictConfig) -> torch.device:
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if acc in ("gpu", "cuda"):
+        raise FluxLoraError(f"trainer.accelerator={acc} but no CUDA device is visible")
+    return torch.device("cpu")
+
+
+def build_callbacks(cfg: DictConfig, metadata: dict) -> list[L.Callback]:
+    callbacks = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        extra = {"metadata": metadata} if key == "lora_saver" else {}
+        try:
+            callbacks.append(instantiate(node, **extra))
+        except Exception as e:
+            raise FluxLoraError(f"callbacks.{key} could not be built: {e}") from e
+    return callbacks
+
+
+def total_optimizer_steps(cfg: DictConfig, n_samples: int) -> int:
+    if int(cfg.trainer.max_steps) > 0:
+        return int(cfg.trainer.max_steps)
+    per_epoch = math.ceil(math.ceil(n_samples / int(cfg.data.batch_size)) / int(cfg.trainer.accumulate_grad_batches))
+    return per_epoch * int(cfg.trainer.max_epochs)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train one LoRA; returns the mean loss of the last steps (Hydra sweepers can optimise it)."""
+    name = job_name(cfg)
+    with open_dict(cfg):
+        cfg.name = name
+    out = Path(str(cfg.output.dir))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    lora = settings(LoraSettings, cfg.lora)
+    flow = settings(FlowConfig, cfg.flow)
+    memory = settings(MemorySettings, cfg.memory)
+    device = device_for(cfg)
+    precision = cfg.trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
+
+    log.info("loading model (%s)", cfg.model.source)
+    comps = load_components(cfg.model)
+    dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed))
+    records = dm.scan()
+    log.info("dataset: %d images", len(records))
+
+    encoder_id = json.dumps({"model": comps.name, "files": comps.fingerprint, "t5": int(cfg.model.t5_max_length)},
+                            sort_keys=True)
+    move_encoders(comps, device)
+    dm.build_cache(cache_encoder(comps, device, int(cfg.model.t5_max_length)), encoder_id)
+
+    steps = total_optimizer_steps(cfg, len(records))
+    metadata = {"learning_rate": float(cfg.optim.lr), "optimizer": str(cfg.optim.name),
+                "lr_scheduler": str(cfg.optim.scheduler), "seed": int(cfg.seed), "max_train_steps": steps,
+                "resolution": int(cfg.data.resolution), "num_train_images": len(records),
+                "sd_model_name": comps.name, "output_name": name,
+                "timestep_sampling": flow.timestep_sampling, "guidance_scale": flow.guidance_scale}
+    callbacks = build_callbacks(cfg, metadata)
+    for cb in callbacks:
+        if hasattr(cb, "prepare"):
+            cb.prepare(comps, device, int(cfg.model.t5_max_length))
+    move_encoders(comps, "cpu")  # the step sees only cached tensors: encoders leave the GPU
+    comps.text_encoder = comps.text_encoder_2 = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    apply_memory_settings(comps.transformer, memory, compute_dtype)
+    module = FluxLoRAModule(comps.transformer, lora, flow, cfg.optim, total_steps=steps, compute_dtype=compute_dtype,
+                            nonfinite=str(cfg.train.nonfinite), max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
+    loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="", version=""),
+               L.pytorch.loggers.CSVLogger(str(out / "logs"), name="", version="")]
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = precision
+    if not trainer_cfg.get("gradient_clip_val"):
+        trainer_cfg["gradient_clip_val"] = None
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(out))
+    trainer.fit(module, datamodule=dm)
+    if trainer.interrupted:
+        raise FluxLoraError("training was interrupted")
+
+    summary = next((cb for cb in callbacks if hasattr(cb, "last_mean")), None)
+    saver = next((cb for cb in callbacks if hasattr(cb, "saved")), None)
+    if saver is not None and saver.saved:
+        print(f"LoRA saved to {saver.saved[-1]}", flush=True)
+    return summary.last_mean if summary is not None else None
