@@ -83,8 +83,17 @@ def total_optimizer_steps(cfg: DictConfig, n_samples: int) -> int:
     return per_epoch * int(cfg.trainer.max_epochs)
 
 
+def _route_lightning_logs() -> None:
+    """Lightning installs its own console handler; send its records through the root (Hydra's) handlers once."""
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]:
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train one LoRA; returns the mean loss of the last steps (Hydra sweepers can optimise it)."""
+    _route_lightning_logs()
     name = job_name(cfg)
     with open_dict(cfg):
         cfg.name = name
@@ -129,8 +138,8 @@ def run(cfg: DictConfig) -> float | None:
     apply_memory_settings(comps.transformer, memory, compute_dtype)
     module = FluxLoRAModule(comps.transformer, lora, flow, cfg.optim, total_steps=steps, compute_dtype=compute_dtype,
                             nonfinite=str(cfg.train.nonfinite), max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
-    loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="", version=""),
-               L.pytorch.loggers.CSVLogger(str(out / "logs"), name="", version="")]
+    loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="tensorboard", version=""),
+               L.pytorch.loggers.CSVLogger(str(out / "logs"), name="csv", version="")]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = precision
     if not trainer_cfg.get("gradient_clip_val"):

@@ -1,0 +1,39 @@
+"""Shared fixtures: the Hydra config composed once per test with CPU, tiny sizes and tmp outputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, open_dict
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU tests unless marked gpu
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """compose(overrides) → a config that writes under tmp_path and runs fast on the CPU."""
+
+    def _make(*overrides: str) -> DictConfig:
+        with initialize_config_module(config_module="fluxlora.conf", version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[
+                f"output.root={tmp_path / 'outputs'}", "trainer.accelerator=cpu", "trainer.max_epochs=2",
+                "callbacks.progress=null", *overrides,
+            ])
+        with open_dict(cfg):
+            cfg.hydra = None  # not a Hydra run: no run folder
+        return cfg
+
+    return _make
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
