@@ -60,6 +60,7 @@ class LoRASaver(L.Callback):
         self._dtype = _DTYPES[dtype]
         self._metadata = dict(metadata or {})
         self.saved: list[Path] = []
+        self._last_step_saved = -1  # with gradient accumulation several batches end on the same optimizer step
 
     def save(self, pl_module: L.LightningModule, stem: str, trainer: L.Trainer) -> list[Path]:
         """Write `<stem>.safetensors` (and/or the diffusers variant); returns the written paths."""
@@ -85,13 +86,16 @@ class LoRASaver(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self._every_steps and step > 0 and step % self._every_steps == 0 and trainer.is_global_zero:
+        if (self._every_steps and step > 0 and step % self._every_steps == 0 and step != self._last_step_saved
+                and trainer.is_global_zero):
+            self._last_step_saved = step
             self.save(pl_module, f"{self._name}-step{step:08d}", trainer)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
+        # Lightning sets max_epochs=-1 when training is bounded by max_steps only
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch >= trainer.max_epochs
         if self._every_epochs and epoch % self._every_epochs == 0 and not last and trainer.is_global_zero:
             self.save(pl_module, f"{self._name}-{epoch:06d}", trainer)
 
