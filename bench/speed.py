@@ -1,0 +1,222 @@
+"""Speed of fluxlora's training step on a Flux.1-dev-shaped model (random weights), through the real path:
+FluxLoRAModule driven by a Lightning Trainer, fed cached-tensor batches from a DataLoader.
+
+Prints one JSON line per setting: s/step, images/s, peak memory, MFU (2 × forward FLOPs: the frozen base needs
+input gradients only) and, with --ref, the ratio to bench/ref_diffusers_step.py run in the same process.
+
+    python bench/speed.py --res 512 1024 --batch 1 --gc off on --compile 0 1 --ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+DEV_CFG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+               axes_dims_rope=(16, 56, 56))
+
+
+def build_transformer(layers: int):
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dict(DEV_CFG)
+    if layers:
+        cfg.update(num_layers=layers, num_single_layers=2 * layers)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        m = FluxTransformer2DModel(**cfg)
+        torch.set_default_dtype(torch.float32)
+    return m.eval()
+
+
+class Batches(torch.utils.data.Dataset):
+    """Random cached tensors shaped like real Flux-dev caches (latents 16×h×w, T5 512×4096, pooled 768)."""
+
+    def __init__(self, res: int, n: int = 64) -> None:
+        self.res, self.n = res, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        h = self.res // 8
+        return {"latents": torch.randn(16, h, h, generator=g), "t5": torch.randn(512, 4096, generator=g),
+                "pooled": torch.randn(768, generator=g), "t5_mask": torch.ones(512, dtype=torch.long),
+                "path": f"random_{i}"}
+
+
+class StepTimer:
+    """Times optimizer steps after a warm-up, synchronising only at the window's ends."""
+
+    def __init__(self, warm: int, profile_from: int = -1) -> None:
+        import lightning as L
+
+        self.prof = None
+
+        class _CB(L.Callback):
+            def on_train_batch_start(cb, trainer, *a):
+                if trainer.global_step == profile_from:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+                if trainer.global_step == warm:
+                    torch.cuda.synchronize()
+                    self.t0 = time.perf_counter()
+                    torch.cuda.reset_peak_memory_stats()
+                if trainer.global_step == 0:
+                    self.first = time.perf_counter()
+
+            def on_train_batch_end(cb, trainer, *a):
+                if trainer.global_step == 1:
+                    torch.cuda.synchronize()
+                    self.first = time.perf_counter() - self.first
+
+            def on_train_end(cb, trainer, *a):
+                torch.cuda.synchronize()
+                self.t1 = time.perf_counter()
+                if self.prof is not None:
+                    self.prof.__exit__(None, None, None)
+
+        self.callback = _CB()
+        self.t0 = self.t1 = self.first = 0.0
+
+
+def fwd_flops(transformer, res: int, batch: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fluxlora import flow as fm
+
+    h = res // 8
+    x = torch.randn(batch, (h // 2) ** 2, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        transformer(hidden_states=x, encoder_hidden_states=torch.randn(batch, 512, 4096, device="cuda", dtype=torch.bfloat16),
+                    pooled_projections=torch.randn(batch, 768, device="cuda", dtype=torch.bfloat16),
+                    timestep=torch.full((batch,), 0.5, device="cuda", dtype=torch.bfloat16),
+                    img_ids=fm.image_ids(h, h, device="cuda", dtype=torch.bfloat16),
+                    txt_ids=torch.zeros(512, 3, device="cuda", dtype=torch.bfloat16),
+                    guidance=torch.ones(batch, device="cuda"), return_dict=False)
+    return fc.get_total_flops()
+
+
+def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: bool, precision: str, steps: int,
+             warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False) -> dict:
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from fluxlora.flow import FlowConfig
+    from fluxlora.lora import LoraSettings
+    from fluxlora.memory import MemorySettings, apply_memory_settings
+    from fluxlora.module import FluxLoRAModule
+    from fluxlora.speed import SpeedSettings, apply_speed_settings
+
+    flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
+    if gc:
+        transformer.enable_gradient_checkpointing()
+    else:
+        transformer.disable_gradient_checkpointing()
+    apply_memory_settings(transformer, MemorySettings(), torch.bfloat16)
+    optim = OmegaConf.create({"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
+                              "kwargs": {}, "scheduler": "constant", "warmup_steps": 0})
+    module = FluxLoRAModule(transformer, LoraSettings(rank=16, alpha=16, include_modulation=False),
+                            FlowConfig(timestep_sampling="sigmoid"), optim, total_steps=steps + warm,
+                            compute_dtype=torch.bfloat16, check_finite=check_finite)
+    apply_speed_settings(transformer, SpeedSettings(compile_blocks=compile_blocks))
+    dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
+                                     persistent_workers=workers > 0, shuffle=True)
+    timer = StepTimer(warm, warm + steps - 2 if profile else -1)
+    trainer = L.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=warm + steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer.callback], num_sanity_val_steps=0)
+    trainer.fit(module, dl)
+    dt = (timer.t1 - timer.t0) / steps
+    out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
+               check_finite=check_finite,
+               s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
+               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               fwd_tflop=round(flops / 1e12, 2), mfu_2fwd=round(2 * flops / 1e12 / peak / dt, 3))
+    if timer.prof is not None:
+        ka = timer.prof.key_averages()
+        cpu = sum(e.self_cpu_time_total for e in ka) / 2 / 1e6
+        gpu = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA") / 2 / 1e6
+        print(f"profile (last 2 steps): host {cpu:.3f} s/step, device kernels {gpu:.3f} s/step", flush=True)
+        print(ka.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70), flush=True)
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
+    del trainer, module
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--res", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--gc", nargs="+", default=["off"], choices=["off", "on"])
+    ap.add_argument("--compile", type=int, nargs="+", default=[0])
+    ap.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=0, help="double blocks (singles = 2×); 0 = Flux-dev's 19/38")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-finite-check", action="store_true", help="skip the per-step NaN check (a host sync)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the last two steps")
+    ap.add_argument("--ref", action="store_true", help="also run bench/ref_diffusers_step.py's step in this process")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails on Flux attention here (DESIGN.md)
+    import ref_diffusers_step as ref
+
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    peak = ref.peak_tflops()
+    print(json.dumps({"bf16_matmul_peak_tflops": round(peak)}), flush=True)
+    results = []
+    if args.ref:
+        if args.layers:
+            ref.CFG.update(num_layers=args.layers, num_single_layers=2 * args.layers)
+        m = ref.build()
+        for res in args.res:
+            for gc in args.gc:
+                try:
+                    d = dict(who="diffusers-ref", **ref.run(m, res, gc == "on"))
+                except torch.OutOfMemoryError:
+                    d = dict(who="diffusers-ref", res=res, gc=gc == "on", error="OOM")
+                print(json.dumps(d), flush=True)
+                results.append(d)
+        del m
+        torch.cuda.empty_cache()
+    for res in args.res:
+        for batch in args.batch:
+            for gc in args.gc:
+                for comp in args.compile:
+                    transformer = build_transformer(args.layers)
+                    try:
+                        d = run_ours(transformer, res, batch, gc == "on", bool(comp), args.precision, args.steps,
+                                     args.warm, peak, args.workers, not args.no_finite_check, args.profile)
+                    except torch.OutOfMemoryError:
+                        d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=bool(comp), error="OOM")
+                    for r in results:
+                        if r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on") and "s_per_step" in r and "s_per_step" in d:
+                            d["ref_s_per_step"] = r["s_per_step"]
+                            d["speedup_vs_ref"] = round(r["s_per_step"] * batch / d["s_per_step"], 2)
+                    print(json.dumps(d), flush=True)
+                    results.append(d)
+                    del transformer
+                    torch.cuda.empty_cache()
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "speed.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), peak_tflops=peak, runs=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
