@@ -60,11 +60,16 @@ class StepTimer:
     def __init__(self, warm: int, profile_from: int = -1) -> None:
         import lightning as L
 
-        self.prof = None
+        self.prof = self.pyprof = None
 
         class _CB(L.Callback):
             def on_train_batch_start(cb, trainer, *a):
-                if trainer.global_step == profile_from:
+                if trainer.global_step == profile_from and os.environ.get("PYPROFILE"):
+                    import cProfile
+
+                    self.pyprof = cProfile.Profile()
+                    self.pyprof.enable()
+                elif trainer.global_step == profile_from:
                     from torch.profiler import ProfilerActivity, profile
 
                     self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
@@ -86,6 +91,11 @@ class StepTimer:
                 self.t1 = time.perf_counter()
                 if self.prof is not None:
                     self.prof.__exit__(None, None, None)
+                if self.pyprof is not None:
+                    import pstats
+
+                    self.pyprof.disable()
+                    pstats.Stats(self.pyprof).sort_stats("tottime").print_stats(25)
 
         self.callback = _CB()
         self.t0 = self.t1 = self.first = 0.0
@@ -108,7 +118,7 @@ def fwd_flops(transformer, res: int, batch: int) -> float:
     return fc.get_total_flops()
 
 
-def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: bool, precision: str, steps: int,
+def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, precision: str, steps: int,
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
@@ -130,7 +140,8 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: bool, 
     module = FluxLoRAModule(transformer, LoraSettings(rank=16, alpha=16, include_modulation=False),
                             FlowConfig(timestep_sampling="sigmoid"), optim, total_steps=steps + warm,
                             compute_dtype=torch.bfloat16, check_finite=check_finite)
-    apply_speed_settings(transformer, SpeedSettings(compile_blocks=compile_blocks))
+    apply_speed_settings(transformer, SpeedSettings(compile_blocks=bool(compile_blocks),
+                                                    compile_scope="model" if compile_blocks == 2 else "blocks"))
     dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
                                      persistent_workers=workers > 0, shuffle=True)
     timer = StepTimer(warm, warm + steps - 2 if profile else -1)
@@ -162,7 +173,7 @@ def main() -> None:
     ap.add_argument("--res", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--gc", nargs="+", default=["off"], choices=["off", "on"])
-    ap.add_argument("--compile", type=int, nargs="+", default=[0])
+    ap.add_argument("--compile", type=int, nargs="+", default=[0], help="0 eager, 1 per-block regions, 2 whole model")
     ap.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
@@ -200,7 +211,7 @@ def main() -> None:
                 for comp in args.compile:
                     transformer = build_transformer(args.layers)
                     try:
-                        d = run_ours(transformer, res, batch, gc == "on", bool(comp), args.precision, args.steps,
+                        d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                      args.warm, peak, args.workers, not args.no_finite_check, args.profile)
                     except torch.OutOfMemoryError:
                         d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=bool(comp), error="OOM")

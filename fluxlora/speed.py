@@ -16,6 +16,9 @@ class SpeedSettings:
 
     compile_blocks: bool = False
     """Regional torch.compile: each transformer block is compiled once and reused by all blocks of its kind."""
+    compile_scope: str = "blocks"
+    """`blocks`: one compiled region per block (fast to compile); `model`: the whole transformer as one graph
+    (slower to compile, far less host overhead per step: each region costs a fixed wrapper time per call)."""
     compile_mode: str | None = None
     """torch.compile mode (None = default; `max-autotune-no-cudagraphs` tunes matmuls longer)."""
 
@@ -32,5 +35,12 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int
 
 
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings) -> None:
-    if settings.compile_blocks:
+    if not settings.compile_blocks:
+        return
+    if settings.compile_scope == "model":
+        transformer.compile(mode=settings.compile_mode, dynamic=False)
+        log.info("torch.compile on the whole transformer (mode=%s)", settings.compile_mode)
+    elif settings.compile_scope == "blocks":
         compile_blocks(transformer, settings.compile_mode)
+    else:
+        raise ValueError(f"compile_scope={settings.compile_scope!r} is not one of blocks, model")
