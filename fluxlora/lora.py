@@ -8,6 +8,7 @@ the ups go block-diagonal, and alpha scales by n so alpha/rank stays the same.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+
+log = logging.getLogger(__name__)
 
 ADAPTER = "default"
 TRAIN_BLOCKS = ("all", "single", "double")
@@ -51,6 +54,9 @@ class LoraSettings:
     """all | single | double, as sd-scripts' train_blocks network arg."""
     include_modulation: bool = True
     """Also adapt the blocks' modulation Linears (kohya's img_mod_lin / modulation_lin) as sd-scripts does."""
+    init_from: str | None = None
+    """A LoRA file (kohya or diffusers keys) to continue from; its layers keep their rank and scale
+    (see `fluxlora.lora_init` for how fused kohya layers map onto q/k/v)."""
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -94,16 +100,29 @@ def target_modules(transformer: torch.nn.Module, settings: LoraSettings) -> list
 def inject(transformer: torch.nn.Module, settings: LoraSettings) -> list[str]:
     """Freeze the base model and add peft LoRA layers; returns the adapted module names."""
     targets = target_modules(transformer, settings)
+    shape: dict = dict(r=settings.rank, lora_alpha=settings.alpha)
+    init = None
+    if settings.init_from:
+        from fluxlora.lora_init import lora_config_args, read_lora_file
+
+        init = read_lora_file(settings.init_from, transformer)
+        shape = lora_config_args(init, [t for t in targets if t not in init], settings.rank, settings.alpha)
+        targets = sorted(set(targets) | set(init))
     if not targets:
         raise ValueError(f"no Linear layers match lora.train_blocks={settings.train_blocks}")
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        init_lora_weights=True, target_modules=targets,
+        **shape, lora_dropout=settings.dropout, init_lora_weights=True, target_modules=targets,
     ))
     # peft gives adapters the base layer's dtype (bf16, even float8): train them in fp32
     for p in lora_parameters(transformer).values():
         p.data = p.data.float()
+    if init is not None:
+        from fluxlora.lora_init import copy_weights
+
+        copy_weights(lora_layers(transformer), init, ADAPTER)
+        log.info("LoRA initialised from %s: %d layers (ranks %s)", settings.init_from, len(init),
+                 sorted({w.rank for w in init.values()}))
     return targets
 
 

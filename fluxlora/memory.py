@@ -40,3 +40,18 @@ def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings
         log.info("base transformer stored in float8_e4m3fn, computed in %s", compute_dtype)
     if settings.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+
+
+def fp8_stored_parameters(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> set[str]:
+    """Names of the parameters `apply_memory_settings(base_storage=fp8)` keeps in float8_e4m3fn.
+
+    Asked of diffusers itself, on a copy of a meta-device model (no memory): loaders use it to read those
+    tensors straight into fp8, so a bf16 file never sits in RAM at full size and an fp8 file is never upcast.
+    """
+    import copy
+
+    if any(not p.is_meta for p in transformer.parameters()):
+        raise ValueError("fp8_stored_parameters needs a model built on the meta device")
+    probe = copy.deepcopy(transformer)
+    probe.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    return {n for n, p in probe.named_parameters() if p.dtype == torch.float8_e4m3fn}

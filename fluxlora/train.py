@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> float | None:
     compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
 
     log.info("loading model (%s)", cfg.model.source)
-    comps = load_components(cfg.model)
+    comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True)
     dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed))
     records = dm.scan()
     log.info("dataset: %d images", len(records))
@@ -135,6 +135,7 @@ def run(cfg: DictConfig) -> float | None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    comps.load_transformer(device)  # read only now the text encoders are gone: host RAM peaks near the largest file
     apply_memory_settings(comps.transformer, memory, compute_dtype)
     module = FluxLoRAModule(comps.transformer, lora, flow, cfg.optim, total_steps=steps, compute_dtype=compute_dtype,
                             nonfinite=str(cfg.train.nonfinite), max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))

@@ -1,0 +1,103 @@
+r"""Writes `README.md` into the output folder when training ends: base model, trigger word, settings, the last
+sample grid and how to load the LoRA."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from typing_extensions import override
+
+from fluxlora.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_HUB_IDS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
+
+
+class ModelCard(L.Callback):
+    """Write a model card (`<output_dir>/README.md`, Hugging Face front matter) after the last LoRA file.
+
+    Register it after the LoRA saver and the sampler so their end-of-training files exist when it runs; the
+    grid linked is the newest `sample/*_grid.png`.
+
+    Args:
+        output_dir: the run's output folder.
+        name: the run name (LoRA file stem).
+        base_model: where the base model came from (`model.path`), or None for the embedded tiny model.
+        trigger_word: the caption token the LoRA was trained on ('' if none).
+        settings: the training settings to list (rank, alpha, optimizer, lr, ...); values are shown as given.
+        lora_format: kohya | diffusers | both (`output.format`), to name the file(s) to load.
+
+    Example::
+
+        card = ModelCard("outputs/mychar", "mychar", "/models/FLUX.1-dev", "mychar", {"rank": 16, "lr": 4e-4})
+    """
+
+    def __init__(self, output_dir: str, name: str, base_model: Optional[str] = None, trigger_word: str = "",
+                 settings: Optional[dict] = None, lora_format: str = "kohya") -> None:
+        super().__init__()
+        if not name:
+            raise ValueError("name must be a non-empty string")
+        if settings is not None and not isinstance(settings, dict) and not hasattr(settings, "items"):
+            raise ValueError(f"settings must be a mapping, got {type(settings).__name__}")
+        self._dir = Path(output_dir)
+        self._name = str(name)
+        self._base = str(base_model) if base_model else None
+        self._trigger = str(trigger_word or "")
+        self._settings = dict(settings or {})
+        self._format = lora_format
+        self.written: Path | None = None
+
+    def render(self, variant: str, steps: int, epochs: int) -> str:
+        """The card's Markdown for a FLUX.1-`variant` base model after `steps` optimizer steps."""
+        base_id = _HUB_IDS.get(variant, _HUB_IDS["dev"])
+        where = f" (`{self._base}`)" if self._base else " (the embedded tiny random-weight model)"
+        base = f"FLUX.1-{variant}{where}"
+        lora = f"{self._name}.safetensors"
+        lines = ["---"] + ([f"base_model: {base_id}"] if self._base else []) + [
+            "library_name: diffusers", "tags: [flux, lora, fluxlora, text-to-image]"]
+        lines += [f"instance_prompt: {self._trigger}"] if self._trigger else []
+        lines += ["---", "", f"# {self._name}", "", f"A LoRA for FLUX.1-{variant}, trained with fluxlora.", "",
+                  f"- **Base model**: {base}",
+                  f"- **Trigger word**: `{self._trigger}`" if self._trigger else "- **Trigger word**: none",
+                  f"- **File**: [`{lora}`]({lora}) ({self._describe_format()})",
+                  f"- **Trained**: {steps} steps, {epochs} epochs", ""]
+        grid = self._last_grid()
+        if grid is not None:
+            lines += ["## Samples", "", f"![samples at the end of training]({grid.as_posix()})", ""]
+        lines += ["## Settings", "", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self._settings.items()]
+        lines += ["", "## How to load", "", "diffusers:", "", "```python", "import torch",
+                  "from diffusers import FluxPipeline", "",
+                  f'pipe = FluxPipeline.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")',
+                  '# (or from_pretrained("<your local diffusers folder>", ...))',
+                  f'pipe.load_lora_weights(".", weight_name="{lora}")',
+                  f'image = pipe("{self._trigger or "a photo"}", num_inference_steps='
+                  f'{28 if variant == "dev" else 4}, guidance_scale={3.5 if variant == "dev" else 0.0}).images[0]',
+                  "```", "", f"ComfyUI / Forge: copy `{lora}` into `models/loras/` and load it with a LoRA loader "
+                  "(model only).", ""]
+        return "\n".join(lines)
+
+    def _describe_format(self) -> str:
+        if self._format == "diffusers":
+            return "diffusers/peft keys"
+        extra = f"; diffusers keys in `{self._name}.diffusers.safetensors`" if self._format == "both" else ""
+        return "kohya keys: ComfyUI, Forge, sd-scripts and diffusers load it" + extra
+
+    def _last_grid(self) -> Path | None:
+        grids = sorted((self._dir / "sample").glob("*_grid.png"), key=lambda p: (p.stat().st_mtime, p.name))
+        return grids[-1].relative_to(self._dir) if grids else None
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        variant = "dev" if getattr(pl_module, "has_guidance", True) else "schnell"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / "README.md"
+        atomic_write_text(path, self.render(variant, trainer.global_step, trainer.current_epoch))
+        self.written = path
+        log.info("model card written to %s", path)

@@ -1,0 +1,79 @@
+"""Load the Flux transformer from a BFL single file or a diffusers `transformer/` folder, built on the meta device
+with each tensor assigned in the dtype it will be kept in (fp8 for the frozen Linears when the tier stores fp8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fluxlora.errors import FluxLoraError
+from fluxlora.memory import fp8_stored_parameters
+from fluxlora.models import bfl
+from fluxlora.models.files import LoadTimer, assign_state, meta_model, read_header, read_tensors
+
+log = logging.getLogger(__name__)
+
+STORAGE = ("none", "fp8")
+
+
+def _dtype_plan(model: torch.nn.Module, dtype: torch.dtype, storage: str) -> Callable[[str], torch.dtype]:
+    """name -> dtype to keep it in: fp8 for what layerwise casting would store in fp8, `dtype` for the rest
+    (norms, embedders, modulation), so fp8 files are upcast only where the model computes in full precision."""
+    if storage not in STORAGE:
+        raise ValueError(f"storage={storage!r} is not one of {STORAGE}")
+    fp8 = fp8_stored_parameters(model, dtype) if storage == "fp8" else set()
+    return lambda name: torch.float8_e4m3fn if name in fp8 else dtype
+
+
+def inspect_transformer(source: Path) -> dict:
+    """The diffusers config of the transformer at `source` (file or folder), from headers only: fast, fails early."""
+    source = Path(source)
+    if source.is_dir():
+        cfg = source / "config.json"
+        if not cfg.is_file():
+            raise FluxLoraError(f"transformer folder {source} has no config.json")
+        return {k: v for k, v in json.loads(cfg.read_text()).items() if not k.startswith("_")}
+    return bfl.inspect_bfl(read_header(source)).config
+
+
+def load_transformer(source: str | Path, dtype: torch.dtype = torch.bfloat16, storage: str = "none",
+                     device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A diffusers `FluxTransformer2DModel` in eval mode.
+
+    Args:
+        source: a BFL single file (`flux1-dev.safetensors`/`.sft`, bf16/fp16/fp8, with or without the
+            `model.diffusion_model.` prefix) or a diffusers `transformer/` folder (config.json + safetensors shards).
+        dtype: the compute dtype: every tensor that is not fp8-stored ends up in it.
+        storage: `fp8` keeps the frozen Linear weights in float8_e4m3fn exactly as `memory.base_storage=fp8` would.
+        device: where tensors are read to (`cuda` loads straight onto the GPU).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    source = Path(source)
+    with LoadTimer("transformer", source):
+        if source.is_dir():
+            config = inspect_transformer(source)
+            files = sorted(p for p in source.glob("*.safetensors") if not p.name.startswith("."))
+            if not files:
+                raise FluxLoraError(f"transformer folder {source} holds no .safetensors weights")
+            model = meta_model(lambda: FluxTransformer2DModel(**config))
+            plan = _dtype_plan(model, dtype, storage)
+            state = {}
+            for f in files:
+                state.update((k, t.to(plan(k))) for k, t in read_tensors(f, read_header(f).shapes, device))
+        else:
+            layout = bfl.inspect_bfl(read_header(source))
+            log.info("%s: %s, %d double + %d single blocks, stored as %s", source.name, layout.variant,
+                     layout.config["num_layers"], layout.config["num_single_layers"], "/".join(sorted(layout.dtypes)))
+            model = meta_model(lambda: FluxTransformer2DModel(**layout.config))
+            plan = _dtype_plan(model, dtype, storage)
+            state = {}
+            for key, t in read_tensors(source, layout.keys, device):
+                for name, part in bfl.bfl_to_diffusers_tensor(key[len(layout.prefix):], t, layout.hidden):
+                    state[name] = part.to(plan(name))
+                del t
+        return assign_state(model, state, source, "Flux transformer", device)
