@@ -53,6 +53,8 @@ class FluxLoRAModule(L.LightningModule):
         self.max_nonfinite_skips = int(max_nonfinite_skips)
         self.nonfinite_skips = 0
         self.check_finite = bool(check_finite)
+        self._nonfinite: torch.Tensor | None = None  # device flag: any non-finite loss since the last step
+        self._pending_files: list[str] = []
         self.adapted = inject(transformer, lora)
         transformer.train()  # Lightning warns about eval-mode modules; Flux has no dropout outside LoRA
         self.has_guidance = bool(transformer.config.guidance_embeds)
@@ -83,23 +85,36 @@ class FluxLoRAModule(L.LightningModule):
         return fm.flow_loss(pred, noise - x0, self.flow.loss, self.flow.huber_c)
 
     @override
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.flow_loss(batch)
-        if self.check_finite and not torch.isfinite(loss):
-            return self._on_nonfinite(loss, batch)
+        if self.check_finite:
+            # no host sync here: the flag is read in optimizer_step, once backward is already queued
+            bad = ~torch.isfinite(loss.detach())
+            self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+            self._pending_files.extend(batch.get("path", []))
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["latents"].shape[0])
         return loss
 
-    def _on_nonfinite(self, loss: torch.Tensor, batch: dict) -> None:
-        files = ", ".join(batch.get("path", [])) or "?"
-        where = f"non-finite loss ({loss.item()}) at step {self.global_step} on batch [{files}]"
+    @override
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Run forward+backward, then step only if every loss since the last step was finite."""
+        if optimizer_closure is not None:
+            optimizer_closure()
+        flag, files = self._nonfinite, self._pending_files
+        self._nonfinite, self._pending_files = None, []
+        if flag is not None and bool(flag):
+            self._on_nonfinite(files)
+            return  # grads are cleared before the next step; the LoRA weights stay as they were
+        optimizer.step()
+
+    def _on_nonfinite(self, files: list[str]) -> None:
+        where = f"non-finite loss at step {self.global_step} on batch [{', '.join(files) or '?'}]"
         if self.nonfinite == "stop":
             raise FluxLoraError(f"{where}; lower optim.lr or set train.nonfinite=skip")
         self.nonfinite_skips += 1
         log.warning("%s: step skipped (%d/%d)", where, self.nonfinite_skips, self.max_nonfinite_skips)
         if self.nonfinite_skips > self.max_nonfinite_skips:
             raise FluxLoraError(f"{where}; more than {self.max_nonfinite_skips} non-finite steps skipped")
-        return None  # Lightning skips backward and the optimizer step
 
     @override
     def configure_optimizers(self) -> dict:

@@ -206,6 +206,7 @@ def _nan_module(nonfinite: str, max_skips: int = 10):
     module = FluxLoRAModule(transformer, LoraSettings(rank=2, alpha=2), FlowConfig(), optim, total_steps=10,
                             nonfinite=nonfinite, max_nonfinite_skips=max_skips)
     module._trainer = SimpleNamespace(global_step=7)  # the step the message must name
+    module.log = lambda *args, **kwargs: None  # no logger connector without a real Trainer
     return module
 
 
@@ -217,25 +218,64 @@ def _batch(nan: bool) -> dict:
             "t5_mask": torch.ones(2, 8), "path": ["/data/mychar/a.png", "/data/mychar/b.png"]}
 
 
+class _CountingOptimizer:
+    """Stands in for Lightning's optimizer: counts the steps the module lets through."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+
+def _train_batch(module, batch: dict, opt: _CountingOptimizer) -> None:
+    """One automatic-optimization step as Lightning drives it: optimizer_step runs the closure."""
+
+    def closure():
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        return loss
+
+    module.optimizer_step(0, 0, opt, closure)
+
+
 def test_nonfinite_loss_stop_names_step_and_files():
     module = _nan_module("stop")
+    opt = _CountingOptimizer()
     assert torch.isfinite(module.flow_loss(_batch(nan=False)))  # the NaN comes from the batch, not the model
+    _train_batch(module, _batch(nan=False), opt)
+    assert opt.steps == 1
+    before = {k: v.clone() for k, v in module.state_dict().items()}
     with pytest.raises(FluxLoraError) as info:
-        module.training_step(_batch(nan=True), 0)
+        _train_batch(module, _batch(nan=True), opt)
     msg = str(info.value)
     assert "step 7" in msg and "/data/mychar/a.png" in msg and "/data/mychar/b.png" in msg, msg
     assert "\n" not in msg
+    assert opt.steps == 1  # the optimizer never saw the NaN gradients
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
 def test_nonfinite_loss_skip_counts_then_stops():
     module = _nan_module("skip", max_skips=2)
-    assert module.training_step(_batch(nan=True), 0) is None
-    assert module.training_step(_batch(nan=True), 1) is None
-    assert module.nonfinite_skips == 2
+    opt = _CountingOptimizer()
+    _train_batch(module, _batch(nan=True), opt)
+    _train_batch(module, _batch(nan=True), opt)
+    assert module.nonfinite_skips == 2 and opt.steps == 0
+    _train_batch(module, _batch(nan=False), opt)
+    assert opt.steps == 1  # a finite step after skipped ones goes through
     with pytest.raises(FluxLoraError, match=r"more than 2 non-finite steps skipped") as info:
-        module.training_step(_batch(nan=True), 2)
+        _train_batch(module, _batch(nan=True), opt)
     assert "step 7" in str(info.value) and "/data/mychar/b.png" in str(info.value)
     assert module.nonfinite_skips == 3
+
+
+def test_nonfinite_check_covers_every_accumulated_micro_batch():
+    module = _nan_module("stop")
+    opt = _CountingOptimizer()
+    module.training_step(_batch(nan=True), 0).backward()  # an earlier micro-batch of the same optimizer step
+    with pytest.raises(FluxLoraError, match="non-finite"):
+        _train_batch(module, _batch(nan=False), opt)
+    assert opt.steps == 0
 
 
 def test_nonfinite_setting_is_validated():

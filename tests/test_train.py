@@ -60,3 +60,35 @@ def test_schedules(name):
         assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1.0)  # warm-up over 2 steps
     if name in ("cosine", "linear"):
         assert lrs[-1] < 0.2
+
+
+class _PoisonBatch:
+    """A callback that turns one batch's latents into NaN, as a corrupt sample or an lr blow-up would."""
+
+    def __init__(self, step: int) -> None:
+        import lightning as L
+
+        class _CB(L.Callback):
+            def on_train_batch_start(cb, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    batch["latents"].fill_(float("nan"))
+
+        self.callback = _CB()
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_loss_in_a_real_run(make_cfg, policy, monkeypatch):
+    from fluxlora import train as train_mod
+    from fluxlora.errors import FluxLoraError
+
+    real = train_mod.build_callbacks
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda cfg, meta: real(cfg, meta) + [_PoisonBatch(2).callback])
+    cfg = make_cfg("trainer.max_steps=4", "~callbacks.sampler", f"train.nonfinite={policy}")
+    if policy == "stop":
+        with pytest.raises(FluxLoraError, match=r"non-finite loss at step 2 on batch \[.*img_0"):
+            run(cfg)
+    else:
+        run(cfg)
+        lora = Path(cfg.output.dir) / "flux-lora.safetensors"
+        with safe_open(str(lora), "pt") as f:
+            assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
