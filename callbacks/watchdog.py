@@ -305,7 +305,8 @@ class StepHeartbeatWatchdog(L.Callback):
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        self.beat("checkpoint_save", step=trainer.global_step)
+        detail = self._beat[2] if self._beat[1] == "checkpoint_save" else ""  # keep the saver's own detail
+        self.beat("checkpoint_save", detail, step=trainer.global_step)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

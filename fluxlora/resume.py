@@ -44,8 +44,7 @@ class ResumePlan:
             return False
         if max_steps and max_steps > 0:
             return self.global_step >= max_steps
-        return max_epochs is not None and int(self.checkpoint.get("epoch", 0)) >= max_epochs - 1 and (
-            info.get("max_epochs") is not None and max_epochs <= int(info["max_epochs"]))
+        return max_epochs is not None and int(self.checkpoint.get("epoch", 0)) >= max_epochs
 
 
 def candidates(folder: Path) -> list[Path]:
@@ -176,7 +175,7 @@ def resume_plan(cfg: Any, out: Path, module: Any, callbacks: list) -> ResumePlan
         raise FluxLoraError(f"resume={cfg.get('resume')}: checkpoint {plan.path} was made for other LoRA layers "
                             f"({why}); pass resume=null to start over (earlier checkpoints are moved aside) or use "
                             "another name=")
-    log.info("resuming from %s (step %d)", plan.path, plan.global_step)
+    log.info("found checkpoint %s (step %d)", plan.path, plan.global_step)
     return plan
 
 

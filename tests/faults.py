@@ -107,3 +107,28 @@ def run_cli(cmd: list[str], timeout: float, cwd: Path) -> subprocess.CompletedPr
     """Run a command with a hard timeout (a failing test must never hang CI); stdout+stderr merged."""
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=timeout)
+
+
+class StallingCheckpointIO:
+    """An AtomicCheckpointIO whose write of `stall_file` stops half-way, blocked on a FIFO (a disk that hangs)."""
+
+    def __new__(cls, stall_file: str, fifo: str, **kwargs: Any):
+        from fluxlora.atomic import atomic_open
+        from fluxlora.callbacks import AtomicCheckpointIO
+
+        class _Stalling(AtomicCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                if Path(path).name != stall_file:
+                    return super().save_checkpoint(checkpoint, path, storage_options)
+                import io
+
+                import torch
+
+                buf = io.BytesIO()
+                torch.save(checkpoint, buf)
+                with atomic_open(path, "wb") as f:
+                    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    f.flush()
+                    _block("fifo", fifo)
+
+        return _Stalling(**kwargs)
