@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
-from fluxlora.callbacks.watchdog import heartbeat
+from fluxlora.heartbeat import heartbeat
 from fluxlora.errors import RunInterrupted
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ class PeriodicCheckpoint(Checkpoint):
 
     # ---- saving ----
 
-    def save(self, trainer: L.Trainer, reason: str = "periodic") -> Path:
-        """Write ``stepNNNNNNNN.ckpt`` for the current step, repoint ``last.ckpt``, prune old files."""
+    def save(self, trainer: L.Trainer, reason: str = "periodic", then: str = "between_steps") -> Path:
+        """Write ``stepNNNNNNNN.ckpt`` for the current step, repoint ``last.ckpt``, prune old files; then heartbeat
+        stage `then`."""
         step = trainer.global_step
         heartbeat("checkpoint_save", f"step {step} ({reason})")
         path = self._dir / step_file(step)
@@ -108,7 +109,7 @@ class PeriodicCheckpoint(Checkpoint):
         self._last_save_t = time.monotonic()
         self.checkpoints.append(path)
         log.info("checkpoint %s saved in %.2fs (%s)", path, self._last_save_t - t0, reason)
-        heartbeat("between_steps")
+        heartbeat(then)
         return path
 
     def _prune(self, trainer: L.Trainer) -> None:
@@ -163,7 +164,7 @@ class PeriodicCheckpoint(Checkpoint):
         self._restore_handlers()
         if self._on_end:
             self._finished = True
-            self.save(trainer, "end of training")
+            self.save(trainer, "end of training", then="train_end")
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

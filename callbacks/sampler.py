@@ -18,7 +18,7 @@ import torch
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_open
-from fluxlora.callbacks.watchdog import heartbeat
+from fluxlora.heartbeat import heartbeat
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
 
 log = logging.getLogger(__name__)

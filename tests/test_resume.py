@@ -1,4 +1,4 @@
-"""Resume: an interrupted + resumed run equals an uninterrupted one; resume=auto/path/null; broken checkpoints."""
+"""Resume equivalence: a run interrupted (SIGINT at a step) and resumed equals an uninterrupted run."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from faults import read_batches
-from fluxlora.errors import FluxLoraError, RunInterrupted
+from fluxlora.errors import RunInterrupted
 from fluxlora.train import run
 
 # 8 images, batch 2: 4 steps per epoch, 12 steps in all; no sampling, fp32 everywhere
@@ -24,6 +24,17 @@ def _recorded(make_cfg, tmp_path, name, *extra):
                     f"+callbacks.rec.path={rec}", *extra), rec
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (shared by the tests below): its last checkpoint and its batches."""
+    from conftest import compose_cfg
+
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg, rec = _recorded(lambda *o: compose_cfg(tmp / "outputs", *o), tmp, "ref")
+    run(cfg)
+    return _ckpt(cfg), read_batches(rec)
+
+
 def _interrupted_then_resumed(make_cfg, tmp_path, at_step: int):
     cut, rec = _recorded(make_cfg, tmp_path, "cut", "+callbacks.sig._target_=faults.SignalAtStep",
                          f"+callbacks.sig.at_step={at_step}")
@@ -36,23 +47,21 @@ def _interrupted_then_resumed(make_cfg, tmp_path, at_step: int):
     return _ckpt(resumed), read_batches(rec)
 
 
-def _assert_equivalent(make_cfg, tmp_path, at_step: int) -> None:
-    ref_cfg, ref_rec = _recorded(make_cfg, tmp_path, "ref")
-    run(ref_cfg)
-    ref = _ckpt(ref_cfg)
+def _assert_equivalent(make_cfg, tmp_path, reference, at_step: int) -> None:
+    ref, ref_batches = reference
     got, batches = _interrupted_then_resumed(make_cfg, tmp_path, at_step)
     assert got["global_step"] == ref["global_step"] == 12
     assert [b["step"] for b in batches] == list(range(12))  # every step ran exactly once
-    assert batches == read_batches(ref_rec), "data order differs"
+    assert batches == ref_batches, "data order differs"
     assert got["state_dict"].keys() == ref["state_dict"].keys()
     for k, v in ref["state_dict"].items():
         torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
 
 
-def test_resume_at_epoch_boundary_equals_uninterrupted_run(make_cfg, tmp_path):
-    _assert_equivalent(make_cfg, tmp_path, at_step=8)  # end of epoch 2 of 3
+def test_resume_at_epoch_boundary_equals_uninterrupted_run(make_cfg, tmp_path, reference):
+    _assert_equivalent(make_cfg, tmp_path, reference, at_step=8)  # end of epoch 2 of 3
 
 
 @pytest.mark.xfail(reason="needs issue-3 sampler", strict=False)
-def test_resume_mid_epoch_equals_uninterrupted_run(make_cfg, tmp_path):
-    _assert_equivalent(make_cfg, tmp_path, at_step=6)  # half-way through epoch 2
+def test_resume_mid_epoch_equals_uninterrupted_run(make_cfg, tmp_path, reference):
+    _assert_equivalent(make_cfg, tmp_path, reference, at_step=6)  # half-way through epoch 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import fluxlora.callbacks.watchdog as wd
+import fluxlora.heartbeat as wd
 from fluxlora.callbacks import WATCHDOG_EXIT_CODE, StepHeartbeatWatchdog
 from fluxlora.errors import FluxLoraError
 from fluxlora.train import run
@@ -150,16 +150,16 @@ def test_run_stops_the_watchdog_on_exception(make_cfg):
 
 _GIL_SCRIPT = textwrap.dedent("""
     import re, sys, time
-    from fluxlora.callbacks.watchdog import StepHeartbeatWatchdog
+    from fluxlora.heartbeat import HeartbeatMonitor
     folder = sys.argv[1]
     kw = dict(setup_timeout_s=0.5, step_timeout_s=0.5, poll_s=0.05, gil_backstop_s=0.5,
               monitor_log=folder + "/monitor.log")
-    w = StepHeartbeatWatchdog(**kw)
+    w = HeartbeatMonitor(**kw)
     w.start("first")
     w.stop()
     time.sleep(1.5)  # a cancelled watchdog's backstop must not fire
     print("still alive", flush=True)
-    w = StepHeartbeatWatchdog(**kw)
+    w = HeartbeatMonitor(**kw)
     w.start("regex")
     time.sleep(0.2)
     print("entering", time.time(), flush=True)
