@@ -42,21 +42,24 @@ class StepTimer(L.Callback):
         self.key = key
         self.starts: list[float] = []
         self.hook_s = 0.0
+        self.by_callback: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage):
         for cb in trainer.callbacks:
             if isinstance(cb, MEASURED):
                 for name in HOOKS:  # only hooks fluxlora implements (Lightning's empty defaults cost nothing)
                     if getattr(type(cb), name).__module__.startswith("fluxlora"):
-                        setattr(cb, name, self._timed(getattr(cb, name)))
+                        setattr(cb, name, self._timed(getattr(cb, name), type(cb).__name__))
 
-    def _timed(self, fn):
+    def _timed(self, fn, owner: str):
         def wrapper(*args, **kwargs):
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.hook_s += time.perf_counter() - t
+                dt = time.perf_counter() - t
+                self.hook_s += dt
+                self.by_callback[owner] = self.by_callback.get(owner, 0.0) + dt
         return wrapper
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -64,12 +67,13 @@ class StepTimer(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         TIMES.setdefault(self.key, []).append({"starts": self.starts, "hook_s": self.hook_s,
-                                               "steps": trainer.global_step})
+                                               "steps": trainer.global_step, "by_callback": self.by_callback})
 
 
 def config(root: Path, key: str, hangproof: bool, steps: int, every: int):
     overrides = [f"output.root={root}", f"name={key}", "trainer.accelerator=auto", f"trainer.max_steps={steps}",
-                 "trainer.max_epochs=-1", "callbacks.progress=null", "callbacks.lr_monitor=null",
+                 "trainer.max_epochs=-1", "callbacks.progress=null", "+trainer.enable_progress_bar=false",
+                 "+trainer.enable_model_summary=false", "callbacks.lr_monitor=null",
                  "callbacks.loss_summary=null", "callbacks.lora_saver=null", "resume=null",
                  "+callbacks.step_timer._target_=__main__.StepTimer", f"+callbacks.step_timer.key={key}"]
     if hangproof:  # the sampler is on but idle: prompts encoded, never due
@@ -86,13 +90,16 @@ def config(root: Path, key: str, hangproof: bool, steps: int, every: int):
 
 
 def summarize(key: str, warmup: int) -> dict:
-    step_times, hook_per_step = [], []
+    step_times, hook_per_step, by_cb = [], [], {}
     for r in TIMES[key]:
         d = [b - a for a, b in zip(r["starts"][warmup:], r["starts"][warmup + 1:])]
         step_times += d
         hook_per_step.append(r["hook_s"] / max(1, r["steps"]))
+        for name, t in r["by_callback"].items():
+            by_cb.setdefault(name, []).append(1e3 * t / max(1, r["steps"]))
     return {"median_step_ms": 1e3 * statistics.median(step_times), "mean_step_ms": 1e3 * statistics.fmean(step_times),
-            "hook_ms_per_step": 1e3 * statistics.fmean(hook_per_step), "steps_timed": len(step_times)}
+            "hook_ms_per_step": 1e3 * statistics.fmean(hook_per_step), "steps_timed": len(step_times),
+            "hook_ms_per_step_by_callback": {k: statistics.fmean(v) for k, v in by_cb.items()}}
 
 
 def machine() -> str:
@@ -114,7 +121,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--every", type=int, default=50, help="checkpoint every N steps (the default config's value)")
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1: a busy small machine otherwise times OpenMP barriers, not steps)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for key, on in (("without", False), ("with", True)):
@@ -122,7 +134,8 @@ def main() -> None:
                 run(config(Path(tmp) / f"{key}{i}", key, on, args.steps, args.every))
                 print(f"run {i} {key:7s}: {time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
     a, b = summarize("without", args.warmup), summarize("with", args.warmup)
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "steps": args.steps, "repeats": args.repeats,
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": args.threads, "steps": args.steps,
+              "repeats": args.repeats,
               "checkpoint_every": args.every, "without": a, "with": b,
               "ab_overhead_pct": 100 * (b["median_step_ms"] / a["median_step_ms"] - 1),
               "hook_overhead_pct": 100 * b["hook_ms_per_step"] / b["median_step_ms"]}

@@ -1,4 +1,4 @@
-r"""ResumeState: the parts of a run's state Lightning leaves out of a checkpoint — RNG streams and shuffling position."""
+r"""ResumeState: what Lightning leaves out of a checkpoint — RNG streams and the shuffling position."""
 
 from __future__ import annotations
 
