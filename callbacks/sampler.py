@@ -1,53 +1,135 @@
-r"""Sample images during training, each round bounded by a timeout so a hung sampler cannot stall the run."""
+r"""TimedSampler: sample images during training on a background thread that can never stall the run."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import sys
 import threading
+import time
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from typing_extensions import override
 
-from fluxlora.errors import StageTimeoutError
-from fluxlora.sampling import SampleRenderer, grid, load_prompts
+from fluxlora.atomic import atomic_open
+from fluxlora.heartbeat import heartbeat
+from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
 
 log = logging.getLogger(__name__)
 
+MODES = ("auto", "thread", "between_steps", "off")
+_GiB = 1 << 30
+
+
+@dataclass
+class SampleRound:
+    """One sampling round: the images of every prompt at one step, rendered on its own thread."""
+
+    step: int
+    deadline: float
+    thread: Optional[threading.Thread] = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    images: list = field(default_factory=list)
+    grid_path: Optional[Path] = None
+    error: Optional[BaseException] = None
+    collected: bool = False
+    abandoned: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stack(self) -> str:
+        frame = sys._current_frames().get(self.thread.ident) if self.thread is not None else None
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(thread has ended)\n"
+
+
+def choose_mode(device: torch.device, model_bytes: int, free_bytes: Optional[int], margin_bytes: int) -> str:
+    """`auto` resolved: a separate sampling copy of the transformer where it fits, else sampling between steps."""
+    if device.type != "cuda":
+        return "thread"
+    return "thread" if free_bytes is not None and free_bytes >= model_bytes + margin_bytes else "between_steps"
+
+
+def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
+    """An inference copy of the (LoRA-adapted) transformer, in `compute_dtype`, without diffusers' memory hooks.
+
+    A deep copy keeps the hooks' closures pointing at the *original* modules (fp8 layerwise casting would then run
+    the original's weights), so the copy's hooks are removed and fp8-stored weights are upcast instead.
+    """
+    clone = copy.deepcopy(transformer)
+    for module in clone.modules():
+        if "_diffusers_hook" in module.__dict__:  # a hooked module: its forward is an instance attribute
+            module.__dict__.pop("forward", None)
+            del module.__dict__["_diffusers_hook"]
+    with torch.no_grad():
+        for p in clone.parameters():
+            if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                p.data = p.data.to(compute_dtype)
+    return clone.eval().requires_grad_(False)
+
 
 class TimedSampler(L.Callback):
-    """Render sample prompts every N steps and/or at the start and end of training.
+    """Render sample prompts every N steps and/or at the start and end of training, without ever stalling it.
 
-    A round runs on its own thread and the training loop waits for it at most `timeout_s` seconds; a round
-    that runs over ends the run with an error naming the `sampling` stage instead of hanging it.
+    Guarantee: sampling never blocks a training step for longer than ``timeout_s`` and never blocks it at all in
+    ``thread`` mode, and a hung sampler never blocks the end of the run beyond ``timeout_s``. Each round renders on
+    its own daemon thread from a *snapshot* of the LoRA weights at the step it was due. A round still running when
+    the next one is due makes that one be skipped (logged, never awaited); a round that runs past ``timeout_s`` is
+    abandoned, logged with its thread's stack, and asked to stop at its next denoising step.
+
+    Modes (the training transformer changes under a concurrent sampler, so the sampler needs its own weights):
+
+    - ``thread``: a copy of the transformer (base weights + LoRA), made once at the first round; each round copies
+      the current LoRA tensors into it and renders while training goes on. Costs one more transformer in memory.
+    - ``between_steps``: for a tight GPU tier: the round renders with the training transformer itself while the
+      training loop waits at the step boundary, at most ``timeout_s`` (heartbeats keep the watchdog informed);
+      the VAE comes to the GPU for the round and leaves after it. An abandoned round keeps its thread (Python cannot
+      kill one), so later rounds are skipped until it ends.
+    - ``auto``: ``thread`` on the CPU; on a GPU ``thread`` only when the free memory at the first round holds a
+      second transformer and VAE plus ``memory_margin_gb``, else ``between_steps`` (logged once).
+    - ``off``: never sample.
+
+    Images go to ``sample/<name>_<step>_<idx>.png`` plus ``sample/<name>_<step>_grid.png`` and to TensorBoard.
     Prompt encodings are computed once, in :meth:`prepare`, while the text encoders are loaded.
 
     Args:
-        output_dir: the run folder; images go to `sample/<name>_<step>_<idx>.png` plus a grid per round.
+        output_dir: the run folder; images go to its `sample/` folder.
         name: file-name stem.
-        prompts: prompt lines in kohya's format (`--w --h --d --s --g --n` flags).
+        prompts: prompt lines in kohya's format (`--w --h --d --s --g --l --n` flags).
         prompts_file: a kohya sample-prompts file, read in addition to `prompts`.
         every_n_steps: sample every N optimizer steps; 0 = off.
         at_start: sample before the first step.
         at_end: sample after the last step.
         timeout_s: the most one round may take.
         defaults: values for flags a prompt line leaves out (width, height, seed, steps, guidance).
+        mode: auto | thread | between_steps | off (see above).
+        memory_margin_gb: GPU memory `auto` keeps free besides the sampling copy.
 
     Example::
 
-        sampler = TimedSampler("outputs/mychar", "mychar", prompts=["sks dog --w 512 --h 512"], every_n_steps=250)
+        sampler = TimedSampler("outputs/mychar", "mychar", prompts=["mychar --w 1024 --h 1024"], every_n_steps=250,
+                               timeout_s=600, mode="auto")
     """
 
     def __init__(self, output_dir: str, name: str, prompts: Optional[list] = None, prompts_file: Optional[str] = None,
                  every_n_steps: int = 0, at_start: bool = False, at_end: bool = True, timeout_s: float = 600.0,
-                 defaults: Optional[dict] = None) -> None:
+                 defaults: Optional[dict] = None, mode: str = "auto", memory_margin_gb: float = 2.0) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be a non-negative int, got {every_n_steps!r}")
         if not timeout_s or float(timeout_s) <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if mode not in MODES:
+            raise ValueError(f"sample.mode={mode!r} is not one of {MODES}")
+        if not isinstance(memory_margin_gb, (int, float)) or memory_margin_gb < 0:
+            raise ValueError(f"memory_margin_gb must be >= 0, got {memory_margin_gb!r}")
         self._dir = Path(output_dir) / "sample"
         self._name = str(name)
         self._prompts = load_prompts(list(prompts or []), prompts_file, dict(defaults or {}))
@@ -55,72 +137,201 @@ class TimedSampler(L.Callback):
         self._at_start = bool(at_start)
         self._at_end = bool(at_end)
         self._timeout = float(timeout_s)
+        self._mode = mode
+        self._margin = int(float(memory_margin_gb) * _GiB)
         self._renderer: SampleRenderer | None = None
+        self._model: Optional[torch.nn.Module] = None  # the sampling copy (thread mode)
+        self._lora_dst: dict[str, torch.nn.Parameter] = {}
+        self._job: Optional[SampleRound] = None
+        self.mode: Optional[str] = None  # resolved at the first round
         self.rounds: list[Path] = []
+        self.skipped: list[int] = []
+        self.abandoned: list[int] = []
 
     @property
     def enabled(self) -> bool:
-        return bool(self._prompts) and (self._every > 0 or self._at_start or self._at_end)
+        return self._mode != "off" and bool(self._prompts) and (self._every > 0 or self._at_start or self._at_end)
 
     def prepare(self, components: Any, device: torch.device, max_length: int) -> None:
         """Encode the prompts now, while the text encoders are on `device`."""
         if self.enabled:
             self._renderer = SampleRenderer(components, self._prompts, device, max_length)
 
-    def sample(self, pl_module: L.LightningModule, step: int) -> Path | None:
-        """Run one round within the timeout; returns the grid path."""
+    # ---- rounds ----
+
+    def sample(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
+               wait: bool = False) -> Optional[SampleRound]:
+        """Start a round for `step` (skipped while one runs); with `wait`, or in between_steps mode, wait for it
+        at most `timeout_s`. Returns the round, or None when none was started."""
         if self._renderer is None:
             return None
-        result: dict = {}
-
-        def work() -> None:
-            try:
-                result["path"] = self._round(pl_module, step)
-            except BaseException as e:  # reported on the training thread
-                result["error"] = e
-
-        t = threading.Thread(target=work, name=f"fluxlora-sampler-{step}", daemon=True)
-        t.start()
-        t.join(self._timeout)
-        if t.is_alive():
-            raise StageTimeoutError("sampling", self._timeout, f"sample round at step {step} did not finish")
-        if "error" in result:
-            raise RuntimeError(f"sampling at step {step} failed: {result['error']}") from result["error"]
-        return result["path"]
-
-    def _round(self, pl_module: L.LightningModule, step: int) -> Path:
-        c = self._renderer.c
-        was_training = pl_module.transformer.training
-        vae_device = next(c.vae.parameters()).device
-        pl_module.transformer.eval()
-        c.vae.to(pl_module.device)
+        if self._job is not None and self._job.alive:
+            self.skipped.append(step)
+            log.warning("sampling at step %d skipped: the round from step %d is still running (%s)", step,
+                        self._job.step, "abandoned" if self._job.abandoned else
+                        f"{self._timeout - (self._job.deadline - time.monotonic()):.0f}s so far")
+            return None
+        heartbeat("sampling_start", f"step {step}")
         try:
-            images = [self._renderer.render(p, pl_module.device, pl_module.compute_dtype) for p in self._prompts]
+            transformer = self._sampling_transformer(pl_module)
+        except Exception as e:  # sampling is a side show: it must not end the run
+            log.error("sampling disabled: the round of step %d could not start: %s: %s", step, type(e).__name__, e)
+            self._renderer = None
+            return None
+        job = SampleRound(step=step, deadline=time.monotonic() + self._timeout)
+        job.thread = threading.Thread(target=self._render, args=(job, transformer, pl_module),
+                                      name=f"fluxlora-sampler-{step}", daemon=True)
+        self._job = job
+        job.thread.start()
+        if wait or self.mode == "between_steps":
+            self._wait(job, trainer)
+            if self.mode == "between_steps":
+                pl_module.transformer.train()  # even if the round was abandoned: training goes on
+        heartbeat("sampling_end", f"step {step}")
+        return job
+
+    def _sampling_transformer(self, pl_module: L.LightningModule) -> torch.nn.Module:
+        """The transformer this round renders with: the snapshot copy (thread) or the training one."""
+        if self.mode is None:
+            self._resolve_mode(pl_module)
+        if self.mode == "between_steps":
+            return pl_module.transformer
+        src = {n: p for n, p in pl_module.transformer.named_parameters() if p.requires_grad}
+        if self._model is None:
+            heartbeat("sampling_setup", "copying the transformer for the sampling thread")
+            self._model = sampling_copy(pl_module.transformer, pl_module.compute_dtype)
+            self._lora_dst = {n: p for n, p in self._model.named_parameters() if n in src}
+        with torch.no_grad():  # the snapshot: LoRA tensors only, a fast device-local copy
+            for n, p in self._lora_dst.items():
+                p.copy_(src[n])
+        return self._model
+
+    def _resolve_mode(self, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        if self._mode != "auto":
+            self.mode = self._mode
+            return
+        vae = self._renderer.c.vae
+        size = torch.empty((), dtype=pl_module.compute_dtype).element_size()
+        need = sum(t.numel() * size for m in (pl_module.transformer, vae) for t in (*m.parameters(), *m.buffers()))
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        self.mode = choose_mode(device, need, free, self._margin)
+        if device.type == "cuda":
+            log.info("sampling mode %s: %.1f GiB free, a sampling copy needs %.1f GiB + %.1f GiB margin", self.mode,
+                     free / _GiB, need / _GiB, self._margin / _GiB)
+            if self.mode == "thread":
+                vae.to(device)
+
+    def _render(self, job: SampleRound, transformer: torch.nn.Module, pl_module: L.LightningModule) -> None:
+        """The round's thread: render every prompt, write the PNGs and the grid."""
+        vae = self._renderer.c.vae
+        vae_device = next(vae.parameters()).device
+        device, dtype = pl_module.device, pl_module.compute_dtype
+        between = self.mode == "between_steps"
+        try:
+            if between:
+                transformer.eval()
+                vae.to(device)
+            for p in self._prompts:
+                job.images.append(self._renderer.render(p, device, dtype, transformer, job.cancel))
+            self._dir.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(job.images):
+                _save_png(im, self._dir / f"{self._name}_{job.step:06d}_{i:02d}.png")
+            job.grid_path = self._dir / f"{self._name}_{job.step:06d}_grid.png"
+            _save_png(grid(job.images), job.grid_path)
+        except SamplingCancelled:
+            pass
+        except BaseException as e:  # reported by the training thread when it collects the round
+            job.error = e
         finally:
-            c.vae.to(vae_device)
-            pl_module.transformer.train(was_training)
-        self._dir.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(images):
-            im.save(self._dir / f"{self._name}_{step:06d}_{i:02d}.png")
-        path = self._dir / f"{self._name}_{step:06d}_grid.png"
-        grid(images).save(path)
-        self.rounds.append(path)
-        log.info("samples at step %d: %s", step, path)
-        return path
+            if between:
+                vae.to(vae_device)
+                if not job.abandoned:
+                    transformer.train()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _wait(self, job: SampleRound, trainer: L.Trainer) -> None:
+        """Wait for `job` until its deadline, sending heartbeats (the wait is bounded, so it is a live stage)."""
+        while job.alive and time.monotonic() < job.deadline:
+            job.thread.join(min(0.5, max(0.0, job.deadline - time.monotonic())))
+            heartbeat("sampling", f"waiting for the round of step {job.step}")
+        self.poll(trainer)
+
+    def poll(self, trainer: Optional[L.Trainer] = None) -> None:
+        """Collect a finished round (log it) or abandon one that ran past its timeout. Cheap; call at any time."""
+        job = self._job
+        if job is None or job.collected:
+            return
+        if job.alive:
+            if time.monotonic() > job.deadline and not job.abandoned:
+                self._abandon(job)
+            return
+        job.collected = True
+        if job.abandoned:
+            log.warning("the abandoned sampling round of step %d ended after all", job.step)
+        elif job.error is not None:
+            log.error("sampling at step %d failed: %s: %s", job.step, type(job.error).__name__, job.error)
+        elif job.grid_path is not None:
+            self.rounds.append(job.grid_path)
+            log.info("samples at step %d: %s", job.step, job.grid_path)
+            if trainer is not None:
+                self._log_images(trainer, job)
+
+    def _abandon(self, job: SampleRound) -> None:
+        job.abandoned = True
+        job.cancel.set()
+        self.abandoned.append(job.step)
+        log.error("stage 'sampling': the round of step %d ran past its timeout of %gs and is abandoned; training "
+                  "goes on. Its thread's stack:\n%s", job.step, self._timeout, job.stack())
+
+    def _log_images(self, trainer: L.Trainer, job: SampleRound) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+                for i, im in enumerate(job.images):
+                    logger.experiment.add_image(f"samples/{i:02d}", np.asarray(im.convert("RGB")), job.step,
+                                                dataformats="HWC")
+
+    # ---- Lightning hooks ----
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._at_start and trainer.is_global_zero:
-            self.sample(pl_module, trainer.global_step)
+        if self._at_start and trainer.is_global_zero and trainer.global_step == 0:
+            self.sample(trainer, pl_module, 0)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._job is not None and not self._job.collected:
+            self.poll(trainer)
         step = trainer.global_step
         if self._every and step % self._every == 0 and step > 0 and trainer.is_global_zero:
-            self.sample(pl_module, step)
+            if self._job is None or self._job.step != step:
+                self.sample(trainer, pl_module, step)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._at_end and trainer.is_global_zero:
-            self.sample(pl_module, trainer.global_step)
+        if not trainer.is_global_zero or self._renderer is None:
+            return
+        if self._job is not None and self._job.alive and not self._job.abandoned:
+            self._wait(self._job, trainer)  # the running round gets the rest of its time, then the last one starts
+        self.poll(trainer)
+        step = trainer.global_step
+        if self._at_end and (self._job is None or self._job.step != step):
+            self.sample(trainer, pl_module, step, wait=True)
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._job is not None:
+            self._job.cancel.set()  # never waited for: the thread is a daemon and stops at its next step
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._job is not None and self._job.alive:
+            self._job.cancel.set()
+        self._model = None
+
+
+def _save_png(image: Any, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")

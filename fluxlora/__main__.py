@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from fluxlora.errors import FluxLoraError
+from fluxlora.errors import FluxLoraError, RunInterrupted
 
 log = logging.getLogger("fluxlora")
 
@@ -28,10 +28,11 @@ def main(cfg: DictConfig) -> float | None:
         return run(cfg)
     except FluxLoraError as e:
         log.error("%s", e)
-        if _is_multirun():
+        interrupted = isinstance(e, RunInterrupted)  # SIGTERM/SIGINT: the whole sweep stops too
+        if _is_multirun() and not interrupted:
             raise  # Hydra records the failed job and the sweep goes on
         print(f"fluxlora: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(e.exit_code if interrupted else 2)
 
 
 if __name__ == "__main__":

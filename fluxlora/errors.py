@@ -15,3 +15,15 @@ class StageTimeoutError(FluxLoraError):
         self.seconds = seconds
         msg = f"stage '{stage}' made no progress for {seconds:g}s"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class RunInterrupted(FluxLoraError):
+    """SIGTERM or SIGINT stopped the run at a step boundary, after a checkpoint was saved.
+
+    `exit_code` follows the shell's convention for a signal (128 + signal number): 143 for SIGTERM, 130 for SIGINT.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        super().__init__(message)

@@ -6,7 +6,9 @@ transformer (with its LoRA) and the VAE.
 
 from __future__ import annotations
 
+import copy
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,22 +84,36 @@ class SampleRenderer:
                 p.embeds = {"t5": enc["t5"][i:i + 1].cpu(), "pooled": enc["pooled"][i:i + 1].cpu()}
 
     @torch.no_grad()
-    def render(self, prompt: SamplePrompt, device: torch.device, dtype: torch.dtype) -> Image.Image:
+    def render(self, prompt: SamplePrompt, device: torch.device, dtype: torch.dtype,
+               transformer: torch.nn.Module | None = None, cancel: threading.Event | None = None) -> Image.Image:
+        """Render one prompt with `transformer` (default: the components' own); `cancel` stops between steps."""
         from diffusers import FluxPipeline
 
         c = self.c
-        pipe = FluxPipeline(scheduler=c.scheduler, vae=c.vae, text_encoder=None, tokenizer=c.tokenizer,
-                            text_encoder_2=None, tokenizer_2=c.tokenizer_2, transformer=c.transformer)
+        pipe = FluxPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
+                            tokenizer=c.tokenizer, text_encoder_2=None, tokenizer_2=c.tokenizer_2,
+                            transformer=transformer if transformer is not None else c.transformer)
         pipe.set_progress_bar_config(disable=True)
         gen = torch.Generator("cpu").manual_seed(prompt.seed)
         align = pipe.vae_scale_factor * 2
+
+        def check_cancel(_pipe, _step, _t, kwargs):
+            if cancel is not None and cancel.is_set():
+                raise SamplingCancelled("sampling cancelled")
+            return kwargs
+
         out = pipe(
             prompt_embeds=prompt.embeds["t5"].to(device, dtype),
             pooled_prompt_embeds=prompt.embeds["pooled"].to(device, dtype),
             height=max(align, prompt.height // align * align), width=max(align, prompt.width // align * align),
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance, generator=gen, output_type="pil",
+            callback_on_step_end=check_cancel,
         )
         return out.images[0]
+
+
+class SamplingCancelled(Exception):
+    """Raised inside a render when its round was abandoned; ends the sampling thread at the next denoising step."""
 
 
 def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:

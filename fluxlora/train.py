@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+import signal
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,20 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fluxlora.callbacks import StepHeartbeatWatchdog, heartbeat
 from fluxlora.data import FluxDataModule
 from fluxlora.encode import cache_encoder, move_encoders
-from fluxlora.errors import FluxLoraError
+from fluxlora.errors import FluxLoraError, RunInterrupted
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings
 from fluxlora.memory import MemorySettings, apply_memory_settings
 from fluxlora.models import load_components
 from fluxlora.models.components import resolve_dtype
 from fluxlora.module import FluxLoRAModule
+from fluxlora.resume import report_complete, resume_plan
 
 log = logging.getLogger("fluxlora")
 
@@ -63,10 +67,13 @@ def device_for(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_callbacks(cfg: DictConfig, metadata: dict) -> list[L.Callback]:
+def build_callbacks(cfg: DictConfig, metadata: dict, prebuilt: dict | None = None) -> list[L.Callback]:
     callbacks = []
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None:
+            continue
+        if prebuilt and prebuilt.get(key) is not None:
+            callbacks.append(prebuilt[key])
             continue
         extra = {"metadata": metadata} if key == "lora_saver" else {}
         try:
@@ -74,6 +81,20 @@ def build_callbacks(cfg: DictConfig, metadata: dict) -> list[L.Callback]:
         except Exception as e:
             raise FluxLoraError(f"callbacks.{key} could not be built: {e}") from e
     return callbacks
+
+
+def start_watchdog(cfg: DictConfig) -> StepHeartbeatWatchdog | None:
+    """Build `callbacks.watchdog` and start it now, so model loading and caching are watched too."""
+    node = (cfg.get("callbacks") or {}).get("watchdog")
+    if node is None:
+        return None
+    try:
+        watchdog = instantiate(node)
+    except Exception as e:
+        raise FluxLoraError(f"callbacks.watchdog could not be built: {e}") from e
+    if isinstance(watchdog, StepHeartbeatWatchdog):
+        watchdog.start("load_model")
+    return watchdog
 
 
 def total_optimizer_steps(cfg: DictConfig, n_samples: int) -> int:
@@ -100,6 +121,15 @@ def run(cfg: DictConfig) -> float | None:
     out = Path(str(cfg.output.dir))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    watchdog = start_watchdog(cfg)  # covers model loading and caching too
+    try:
+        return _train(cfg, out, name, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+
+
+def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdog | None) -> float | None:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     lora = settings(LoraSettings, cfg.lora)
@@ -110,6 +140,7 @@ def run(cfg: DictConfig) -> float | None:
     compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
 
     log.info("loading model (%s)", cfg.model.source)
+    heartbeat("load_model")
     comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True)
     dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed))
     records = dm.scan()
@@ -118,7 +149,10 @@ def run(cfg: DictConfig) -> float | None:
     encoder_id = json.dumps({"model": comps.name, "files": comps.fingerprint, "t5": int(cfg.model.t5_max_length)},
                             sort_keys=True)
     move_encoders(comps, device)
-    dm.build_cache(cache_encoder(comps, device, int(cfg.model.t5_max_length)), encoder_id)
+    heartbeat("caching")
+    dm.build_cache(cache_encoder(comps, device, int(cfg.model.t5_max_length)), encoder_id,
+                   progress=watchdog.progress if watchdog is not None else None)
+    heartbeat("build")
 
     steps = total_optimizer_steps(cfg, len(records))
     metadata = {"learning_rate": float(cfg.optim.lr), "optimizer": str(cfg.optim.name),
@@ -126,7 +160,7 @@ def run(cfg: DictConfig) -> float | None:
                 "resolution": int(cfg.data.resolution), "num_train_images": len(records),
                 "sd_model_name": comps.name, "output_name": name,
                 "timestep_sampling": flow.timestep_sampling, "guidance_scale": flow.guidance_scale}
-    callbacks = build_callbacks(cfg, metadata)
+    callbacks = build_callbacks(cfg, metadata, prebuilt={"watchdog": watchdog})
     for cb in callbacks:
         if hasattr(cb, "prepare"):
             cb.prepare(comps, device, int(cfg.model.t5_max_length))
@@ -145,8 +179,16 @@ def run(cfg: DictConfig) -> float | None:
     trainer_cfg["precision"] = precision
     if not trainer_cfg.get("gradient_clip_val"):
         trainer_cfg["gradient_clip_val"] = None
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(out))
-    trainer.fit(module, datamodule=dm)
+    plan = resume_plan(cfg, out, module, callbacks)
+    if plan.path is not None and plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs")):
+        return report_complete(name, out, plan)
+    plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
+    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(out),
+                                     plugins=plugins)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(plan.path) if plan.path else None)
+    except SIGTERMException as e:  # Lightning's own SIGTERM path (our checkpoint callback was left out)
+        raise RunInterrupted("stopped by SIGTERM", signal.SIGTERM) from e
     if trainer.interrupted:
         raise FluxLoraError("training was interrupted")
 

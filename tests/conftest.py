@@ -11,19 +11,24 @@ from omegaconf import DictConfig, open_dict
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU tests unless marked gpu
 
 
+def compose_cfg(root, *overrides: str) -> DictConfig:
+    """The config with outputs under `root`, CPU, 2 epochs, no progress bar, then `overrides`."""
+    with initialize_config_module(config_module="fluxlora.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"output.root={root}", "trainer.accelerator=cpu", "trainer.max_epochs=2",
+            "callbacks.progress=null", *overrides,
+        ])
+    with open_dict(cfg):
+        cfg.hydra = None  # not a Hydra run: no run folder
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """compose(overrides) → a config that writes under tmp_path and runs fast on the CPU."""
 
     def _make(*overrides: str) -> DictConfig:
-        with initialize_config_module(config_module="fluxlora.conf", version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[
-                f"output.root={tmp_path / 'outputs'}", "trainer.accelerator=cpu", "trainer.max_epochs=2",
-                "callbacks.progress=null", *overrides,
-            ])
-        with open_dict(cfg):
-            cfg.hydra = None  # not a Hydra run: no run folder
-        return cfg
+        return compose_cfg(tmp_path / "outputs", *overrides)
 
     return _make
 

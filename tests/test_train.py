@@ -26,7 +26,7 @@ def test_demo_trains_and_writes_everything(make_cfg):
 
 
 def test_checkpoint_holds_lora_weights_not_the_base_model(make_cfg):
-    cfg = make_cfg("trainer.max_epochs=1", "callbacks.checkpoint.every_n_train_steps=1", "~callbacks.sampler")
+    cfg = make_cfg("trainer.max_epochs=1", "callbacks.checkpoint.every_n_steps=1", "~callbacks.sampler")
     run(cfg)
     ckpt = torch.load(Path(cfg.output.dir) / "checkpoints" / "last.ckpt", weights_only=False)
     sd = ckpt["state_dict"]

@@ -1,0 +1,150 @@
+"""Fault-injection callbacks and helpers for the hang tests (importable as `faults`: tests/ is on sys.path).
+
+Each callback is added to a run through Hydra, e.g. `+callbacks.stuck._target_=faults.BlockInStep`, so the fault
+happens inside a real training run, in the hook where a real hang would happen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import lightning as L
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def _block(how: str, fifo: Optional[str]) -> None:
+    """Block the calling thread inside a C call: a long sleep, or opening a FIFO nobody writes to."""
+    if how == "fifo":
+        with open(fifo, "rb") as f:  # open() of a FIFO waits in the kernel for a writer
+            f.read()
+    else:
+        time.sleep(3600)
+
+
+class BlockInStep(L.Callback):
+    """Inside the training step of `at_step` (after backward, before the optimizer step), block in C."""
+
+    def __init__(self, at_step: int, how: str = "sleep", fifo: Optional[str] = None) -> None:
+        self.at_step, self.how, self.fifo = at_step, how, fifo
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self.at_step:
+            _block(self.how, self.fifo)
+
+
+class BlockOnSave(L.Callback):
+    """While the checkpoint of `at_step` is being written, block in C (a save to a hung disk)."""
+
+    def __init__(self, at_step: int, fifo: str) -> None:
+        self.at_step, self.fifo = at_step, fifo
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_step == self.at_step:
+            _block("fifo", self.fifo)
+
+
+class SignalAtStep(L.Callback):
+    """Send `signum` to this process at the end of step `at_step` (as `kill -TERM` from outside would)."""
+
+    def __init__(self, at_step: int, signum: int = int(signal.SIGINT)) -> None:
+        self.at_step, self.signum = at_step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
+
+
+class SlowStep(L.Callback):
+    """Make every training step take at least `seconds` (so a test can act while a run is in its steps)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        time.sleep(self.seconds)
+
+
+class BatchRecorder(L.Callback):
+    """Append `{"step": global_step, "paths": [...]}` for every training batch to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "paths": [Path(p).name for p in batch["path"]]}) + "\n")
+
+
+def read_batches(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def fluxlora_cmd(tmp_path: Path, *overrides: str, module: str = "fluxlora") -> list[str]:
+    """A `python -m fluxlora` command line for a fast CPU run under tmp_path (the conftest defaults, as overrides)."""
+    return [sys.executable, "-m", module, f"output.root={tmp_path / 'outputs'}", "trainer.accelerator=cpu",
+            "trainer.max_epochs=2", "callbacks.progress=null", f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
+
+
+def subprocess_env() -> dict:
+    # one intra-op thread: on a busy 2-core CI box OpenMP barriers waiting for descheduled threads can stretch a
+    # 0.1 s tiny step to seconds, which a test with a 3 s watchdog limit would (rightly) call a stall
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get(
+        "PYTHONPATH", "")]).rstrip(os.pathsep), PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    return env
+
+
+@contextmanager
+def single_thread_torch() -> Iterator[None]:
+    """The in-process counterpart of OMP_NUM_THREADS=1 for tests that time things while a second thread works."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def run_cli(cmd: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command with a hard timeout (a failing test must never hang CI); stdout+stderr merged."""
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
+
+
+class StallingCheckpointIO:
+    """An AtomicCheckpointIO whose write of `stall_file` stops half-way, blocked on a FIFO (a disk that hangs)."""
+
+    def __new__(cls, stall_file: str, fifo: str, **kwargs: Any):
+        from fluxlora.atomic import atomic_open
+        from fluxlora.callbacks import AtomicCheckpointIO
+
+        class _Stalling(AtomicCheckpointIO):
+            def save_checkpoint(self, checkpoint, path, storage_options=None):
+                if Path(path).name != stall_file:
+                    return super().save_checkpoint(checkpoint, path, storage_options)
+                import io
+
+                import torch
+
+                buf = io.BytesIO()
+                torch.save(checkpoint, buf)
+                with atomic_open(path, "wb") as f:
+                    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    f.flush()
+                    _block("fifo", fifo)
+
+        return _Stalling(**kwargs)

@@ -1,0 +1,72 @@
+"""Fault injection, for real, in a training subprocess: a step stuck in a C call, a checkpoint write that stalls.
+
+Each asserts: detected within the limit + a small margin, the watchdog's exit status, the stage named in the
+output and in monitor.log with every thread's stack, and the last checkpoint loads.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from faults import fluxlora_cmd, run_cli
+from fluxlora.train import run
+
+LIMIT = 3.0  # seconds; a tiny CPU step takes ~0.1 s, so only a real stall (or a badly overloaded box) trips it
+COMMON = ("~callbacks.sampler", "callbacks.checkpoint.every_n_steps=2", f"callbacks.watchdog.step_timeout_s={LIMIT}",
+          "callbacks.watchdog.setup_timeout_s=120")
+
+
+def _started_blocking(monitor: Path, out: str) -> float:
+    """When the child's last heartbeat was sent (the stall began right after it)."""
+    beat = json.loads((monitor.parent / "heartbeat.json").read_text())
+    assert beat["state"] == "stalled", out
+    return float(beat["time"])
+
+
+@pytest.mark.slow
+def test_step_stuck_in_c_call_is_killed_by_the_watchdog(tmp_path):
+    cmd = fluxlora_cmd(tmp_path, "name=stuck", *COMMON, "+callbacks.stuck._target_=faults.BlockInStep",
+                       "+callbacks.stuck.at_step=5", "+callbacks.stuck.how=sleep")
+    r = run_cli(cmd, timeout=180, cwd=tmp_path)
+    ended = time.time()
+    out_dir = tmp_path / "outputs" / "stuck"
+    assert r.returncode == 75, r.stdout[-3000:]
+    assert ended - _started_blocking(out_dir / "monitor.log", r.stdout) < LIMIT + 2.0
+    assert "fluxlora: error: watchdog: no heartbeat for" in r.stdout and "stage 'training_step'" in r.stdout
+    log = (out_dir / "monitor.log").read_text()
+    assert "stage 'training_step' at step 5" in log and "phase train" in log
+    assert "Current thread" in log and "in _block" in log and "in on_after_backward" in log  # the stuck frames
+    assert log.count("Thread 0x") >= 1  # the other threads' stacks (main thread among them)
+    ckpt = torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_checkpoint_write_that_stalls_is_killed_then_resumed(tmp_path, make_cfg):
+    fifo = tmp_path / "hung-disk"
+    os.mkfifo(fifo)
+    name = "stall"
+    cmd = fluxlora_cmd(tmp_path, f"name={name}", *COMMON, "trainer.max_epochs=2",
+                       "checkpoint_io._target_=faults.StallingCheckpointIO",
+                       "+checkpoint_io.stall_file=step00000004.ckpt", f"+checkpoint_io.fifo={fifo}")
+    r = run_cli(cmd, timeout=180, cwd=tmp_path)
+    ended = time.time()
+    out_dir = tmp_path / "outputs" / name
+    assert r.returncode == 75, r.stdout[-3000:]
+    assert ended - _started_blocking(out_dir / "monitor.log", r.stdout) < LIMIT + 2.0
+    log = (out_dir / "monitor.log").read_text()
+    assert "stage 'checkpoint_save' (step 4 (periodic)) at step 4" in log and "in save_checkpoint" in log
+    folder = out_dir / "checkpoints"
+    torn = [p for p in folder.iterdir() if p.name.startswith(".")]
+    assert torn and not (folder / "step00000004.ckpt").exists()  # the half-written temp, never a checkpoint name
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 2
+    # the same run again (resume=auto): the torn temp is removed, it continues from step 2 and completes
+    cfg = make_cfg(f"name={name}", "~callbacks.sampler", "callbacks.checkpoint.every_n_steps=2")
+    run(cfg)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8 and last["fluxlora_run"]["finished"]
