@@ -12,9 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning as L
 
@@ -104,19 +103,6 @@ def subprocess_env() -> dict:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get(
         "PYTHONPATH", "")]).rstrip(os.pathsep), PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
     return env
-
-
-@contextmanager
-def single_thread_torch() -> Iterator[None]:
-    """The in-process counterpart of OMP_NUM_THREADS=1 for tests that time things while a second thread works."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def run_cli(cmd: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:

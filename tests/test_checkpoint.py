@@ -1,8 +1,10 @@
 """AtomicCheckpointIO, its mirror, PeriodicCheckpoint and resume: whole files, bounded mirror, fallbacks, signals."""
 
+import json
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -133,6 +135,9 @@ def test_keep_last_k_plus_last_and_finished_marker(make_cfg):
     rng = next(v for k, v in cbs.items() if "ResumeState" in k)["rng"]
     assert {"torch", "numpy", "python"} <= set(rng)
     assert last["optimizer_states"] and last["lr_schedulers"] and "loops" in last
+    # a normal end cancels the watchdog: no monitor thread left, the heartbeat file says so
+    assert json.loads((Path(cfg.output.dir) / "heartbeat.json").read_text())["state"] == "stopped"
+    assert not [t for t in threading.enumerate() if t.name == "fluxlora-watchdog"]
 
 
 def test_finished_run_rerun_with_resume_auto_does_nothing(make_cfg, capsys):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import single_thread_torch
 from fluxlora.callbacks.sampler import choose_mode
 from fluxlora.sampling import SampleRenderer
 from fluxlora.train import run
@@ -17,12 +16,6 @@ TIMEOUT = 1.0
 # 8 steps (4 per epoch); a round every 2 steps; every step takes >= 0.1 s so rounds overlap steps
 SAMPLED = ("trainer.max_epochs=2", "sample.every_n_steps=2", f"sample.timeout_s={TIMEOUT}",
            "+callbacks.slow._target_=faults.SlowStep", "+callbacks.slow.seconds=0.1")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread_torch():
-        yield
 
 
 @pytest.fixture
