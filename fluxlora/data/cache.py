@@ -24,8 +24,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
-from fluxlora.atomic import atomic_open, atomic_write_text
-from fluxlora.data.cache_format import DTYPES, check_file, to_storage
+from fluxlora.atomic import atomic_write_text
+from fluxlora.data.cache_format import DTYPES, check_file, to_storage, write_sample
 from fluxlora.data.images import ImageRecord, load_image
 from fluxlora.data.rank_agreement import announce_done, announce_progress, wait_for_ranks
 from fluxlora.errors import FluxLoraError
@@ -273,8 +273,7 @@ class LatentCache:
             self._write(self.file_for(item), arrays, key, len(item.captions))
 
     def _write(self, file: Path, arrays: dict[str, np.ndarray], key: str, variants: int) -> None:
-        with atomic_open(file, "wb") as f:
-            np.savez(f, key=np.array(key), dtype=np.array(self.dtype), variants=np.array(variants), **arrays)
+        write_sample(file, arrays, key, self.dtype, variants)
 
     @property
     def empty_caption_file(self) -> Path:

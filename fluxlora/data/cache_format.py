@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fluxlora.atomic import atomic_open
 from fluxlora.data.bounded_read import bounded_read
 from fluxlora.errors import StageTimeoutError
 
@@ -54,6 +55,12 @@ def read_sample(file: Path, variant: int = 0, seconds: float = 0, latents: bool 
         if text:
             names.update(t5=f"t5_{variant}", pooled=f"pooled_{variant}", t5_mask=f"t5_mask_{variant}")
         return {k: from_storage(z[n], dtype) for k, n in names.items()}
+
+
+def write_sample(file: Path, arrays: dict[str, np.ndarray], key: str, dtype: str, variants: int) -> None:
+    """Write one cache file atomically (temp file in the same folder, flush, fsync, rename, fsync the folder)."""
+    with atomic_open(file, "wb") as f:
+        np.savez(f, key=np.array(key), dtype=np.array(dtype), variants=np.array(variants), **arrays)
 
 
 def _header_shape(zf: zipfile.ZipFile, name: str) -> tuple[int, ...]:

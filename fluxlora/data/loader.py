@@ -3,7 +3,10 @@
 PyTorch reports a stalled worker as `RuntimeError: DataLoader timed out after 60 seconds` and an error inside a
 worker as a multi-line traceback wrapped in the original type. `StageNamedDataLoader` turns the first into
 `StageTimeoutError('data loading', ...)` (after killing the stuck workers, so that shutting them down cannot hang
-in its turn) and the second back into the one-line fluxlora error it started as.
+in its turn) and the second back into the one-line fluxlora error it started as. Two waits that PyTorch leaves
+unbounded are bounded here too: a batch whose shared-memory handle must be fetched from a stopped worker
+(`_StallWatch`), and a worker's death reported by PyTorch's SIGCHLD handler at a random line of the main thread
+(re-raised as a `FluxLoraError` naming the stage).
 
 Example::
 
@@ -36,7 +39,9 @@ from fluxlora.errors import FluxLoraError, StageTimeoutError
 log = logging.getLogger(__name__)
 
 _STAGE = "data loading"
+_TORCH_SIGNALS = "torch.utils.data._utils.signal_handling"
 _WATCH_GRACE_S = 1.0  # PyTorch's own timeout, when it applies, fires first and gives the usual message
+_worker_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()  # live PyTorch iterators with worker processes
 
 
 class CachedDataset(Dataset):
@@ -116,13 +121,18 @@ def error_from_worker(message: str) -> FluxLoraError | None:
     return FluxLoraError(text)
 
 
-def _kill_workers(it: Any) -> None:
-    """SIGKILL the worker processes of a DataLoader iterator, after taking them off PyTorch's SIGCHLD watch list (so
-    their death is not reported as a crash). Stopped or stuck workers would otherwise make shutdown, and the
-    interpreter's exit (which joins child processes), wait forever."""
+def _unwatch_workers(it: Any) -> None:
+    """Take an iterator's workers off PyTorch's SIGCHLD watch list: their death is then not raised (again) as an
+    error at a random line of the main thread."""
     if getattr(it, "_worker_pids_set", False):
         torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
         it._worker_pids_set = False
+
+
+def _kill_workers(it: Any) -> None:
+    """SIGKILL the worker processes of a DataLoader iterator (unwatched first). Stopped or stuck workers would
+    otherwise make shutdown, and the interpreter's exit (which joins child processes), wait forever."""
+    _unwatch_workers(it)
     for w in getattr(it, "_workers", []):
         if w.is_alive():
             os.kill(w.pid, signal.SIGKILL)
@@ -200,7 +210,11 @@ class _StageNamedIterator:
             return StageTimeoutError(_STAGE, t, f"no batch from the {n} DataLoader worker(s) within {t:g}s: "
                                                 "a worker is stuck or stopped (data.timeout sets the limit)")
         if isinstance(e, RuntimeError) and _WORKER_DIED.match(msg):
+            self._stop_workers()
             return FluxLoraError(f"stage '{_STAGE}' failed: {msg.splitlines()[0]}")
+        if isinstance(e, FluxLoraError) and msg.startswith(f"stage '{_STAGE}' failed: DataLoader worker"):
+            self._stop_workers()  # raised by the SIGCHLD handler while this thread waited for a batch
+            return e
         return error_from_worker(msg) or e
 
     def _stop_workers(self) -> None:
@@ -213,6 +227,28 @@ class _StageNamedIterator:
             log.warning("could not stop the DataLoader workers cleanly: %s", err)
 
 
+def _name_the_stage_in_sigchld_errors() -> None:
+    """PyTorch's SIGCHLD handler raises `RuntimeError: DataLoader worker (pid X) is killed by signal` at whatever line
+    the main thread happens to run; wrap it (once, main thread only) so that error names the stage wherever it
+    surfaces."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        return
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(torch_handler) or getattr(torch_handler, "__module__", "") != _TORCH_SIGNALS:
+        return  # not installed yet, or already wrapped, or someone else's
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as e:
+            for it in list(_worker_iterators):  # raise once per death, not again at every later SIGCHLD
+                if any(not w.is_alive() for w in getattr(it, "_workers", [])):
+                    _unwatch_workers(it)
+            raise FluxLoraError(f"stage '{_STAGE}' failed: {' '.join(str(e).split())}") from None
+
+    signal.signal(signal.SIGCHLD, handler)
+
+
 class StageNamedDataLoader(DataLoader):
     """A `DataLoader` whose stalls and worker errors end the run with a one-line error naming the stage.
 
@@ -223,7 +259,11 @@ class StageNamedDataLoader(DataLoader):
     _watch: _StallWatch | None = None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        return _StageNamedIterator(super().__iter__(), self)
+        it = super().__iter__()
+        if self.num_workers > 0:
+            _worker_iterators.add(it)
+            _name_the_stage_in_sigchld_errors()  # PyTorch installs its handler with the first worker iterator
+        return _StageNamedIterator(it, self)
 
     def _stall_watch(self) -> _StallWatch | None:
         if self.num_workers == 0 or not self.timeout:
