@@ -185,11 +185,16 @@ def _empty(folder):
     return folder, "holds no images"
 
 
+def _too_small(folder):
+    write_image(folder / "img_003.png", (40, 30))
+    return folder / "img_003.png", "40x30 is smaller than one bucket step (64 px)"
+
+
 def _missing(folder):
     return folder / "nope", "does not exist"
 
 
-@pytest.mark.parametrize("breakage", [_undecodable, _truncated_body, _bad_utf8, _empty, _missing])
+@pytest.mark.parametrize("breakage", [_undecodable, _truncated_body, _bad_utf8, _empty, _missing, _too_small])
 def test_broken_input_is_a_one_line_error_naming_the_file(tmp_path, make_cfg, breakage):
     folder = make_folder(tmp_path / "ds", 4)
     bad, text = breakage(folder)

@@ -83,7 +83,7 @@ class FluxDataModule(L.LightningDataModule):
                 try:
                     bucket = settings.buckets.bucket_for(rec.width, rec.height)
                 except FluxLoraError as e:
-                    raise FluxLoraError(f"image {rec.path} is {e}") from None
+                    raise FluxLoraError(f"image {rec.path}: {e}") from None
                 records.append(rec)
                 items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, settings.caption_variants)))
         self.settings, self.records, self.items = settings, records, items

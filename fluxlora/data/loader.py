@@ -156,8 +156,8 @@ class _StallWatch:
         self._thread.start()
 
     def begin(self, it: Any) -> None:
-        with self._lock:
-            self._waiting = (time.monotonic(), it)
+        with self._lock:  # a weak reference: this thread must not keep the iterator (and its workers) alive
+            self._waiting = (time.monotonic(), weakref.ref(it))
 
     def end(self) -> None:
         with self._lock:
@@ -167,14 +167,16 @@ class _StallWatch:
         while not self.expired and self._owner() is not None:
             time.sleep(0.1)
             with self._lock:
-                waiting = self._waiting
-                if waiting is None or time.monotonic() - waiting[0] <= self.deadline_s:
+                if self._waiting is None or time.monotonic() - self._waiting[0] <= self.deadline_s:
                     continue
                 self.expired = True
+                it = self._waiting[1]()
             try:
-                _kill_workers(waiting[1])
+                if it is not None:
+                    _kill_workers(it)
             except Exception as err:  # best effort; the main thread still reports the stall
                 log.warning("could not kill the stalled DataLoader workers: %s", err)
+            del it
 
 
 class _StageNamedIterator:
