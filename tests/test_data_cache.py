@@ -51,9 +51,12 @@ def test_caption_edited_after_caching_rebuilds_only_that_entry(tmp_path, caplog)
     _, entries, _ = _build(folder, tmp_path / "cache")
     before = {e.file: e.file.stat().st_mtime_ns for e in entries}
     (folder / "img_002.txt").write_text("a photo, now with a hat", encoding="utf-8")
+    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
         _, entries, enc = _build(folder, tmp_path / "cache")
+    assert time.monotonic() - t0 < 5
     assert enc.captions == ["a photo, now with a hat v0"] and len(enc.image_calls) == 1
+    assert len(assert_cache_intact(tmp_path / "cache")) == 4
     assert "img_002" in caplog.text and "stale" in caplog.text
     changed = [e.file.name for e in entries if e.file.stat().st_mtime_ns != before[e.file]]
     assert len(changed) == 1 and changed[0].startswith("img_002")

@@ -183,7 +183,7 @@ class LatentCache:
         build_id = self._build_id(items)
         report = _Reporter(progress, len(mine), (lambda done: None) if world_size == 1 else
                            (lambda done: announce_progress(self.folder, rank, build_id, done, len(mine))))
-        keys = {i: self.content_key(items[i]) for i in mine}
+        keys: dict[int, str] = {}
         todo = self._check_existing(items, mine, keys, report)
         self._encode_missing(items, todo, keys, as_cache_encoder(encode), batch_size, report)
         if empty_caption and rank == 0:
@@ -220,13 +220,15 @@ class LatentCache:
 
     def _check_existing(self, items: Sequence[CacheItem], mine: list[int], keys: dict[int, str],
                         report: _Reporter) -> list[int]:
+        """Fill `keys` (hashing each image) and return the items whose file must be (re)built."""
         todo, reasons, reused = [], {}, 0
         for i in mine:
             item, file = items[i], self.file_for(items[i])
+            keys[i] = self.content_key(item)
             why = check_file(file, keys[i], len(item.captions), item.bucket, self.full_check, self.read_timeout)
+            reused += why is None
+            report(reused)  # a heartbeat per file, also for the ones to rebuild
             if why is None:
-                reused += 1
-                report(reused)
                 continue
             if why != "absent":
                 log.warning("cache file %s is %s; rebuilding it", file, why)

@@ -211,13 +211,26 @@ class _StageNamedIterator:
             self._stop_workers()
             return StageTimeoutError(_STAGE, t, f"no batch from the {n} DataLoader worker(s) within {t:g}s: "
                                                 "a worker is stuck or stopped (data.timeout sets the limit)")
-        if isinstance(e, RuntimeError) and _WORKER_DIED.match(msg):
-            self._stop_workers()
-            return FluxLoraError(f"stage '{_STAGE}' failed: {msg.splitlines()[0]}")
         if isinstance(e, FluxLoraError) and msg.startswith(f"stage '{_STAGE}' failed: DataLoader worker"):
             self._stop_workers()  # raised by the SIGCHLD handler while this thread waited for a batch
             return e
+        dead = self._dead_workers(wait=isinstance(e, (EOFError, OSError)))
+        if (isinstance(e, RuntimeError) and _WORKER_DIED.match(msg)) or dead:
+            self._stop_workers()  # also unwatches them: no second report from the SIGCHLD handler later
+            if isinstance(e, RuntimeError) and _WORKER_DIED.match(msg):
+                return FluxLoraError(f"stage '{_STAGE}' failed: {msg.splitlines()[0]}")
+            return FluxLoraError(f"stage '{_STAGE}' failed: DataLoader worker (pid(s) {', '.join(dead)}) exited "
+                                 f"unexpectedly ({type(e).__name__}: {' '.join(msg.split())})")
         return error_from_worker(msg) or e
+
+    def _dead_workers(self, wait: bool) -> list[str]:
+        """Pids of workers that have exited; `wait` gives a just-killed one a moment (its pipe can break first)."""
+        workers = list(getattr(self._it, "_workers", []))
+        if wait:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and all(w.is_alive() for w in workers):
+                time.sleep(0.02)
+        return [str(w.pid) for w in workers if not w.is_alive()]
 
     def _stop_workers(self) -> None:
         try:
