@@ -226,7 +226,7 @@ class _StageNamedIterator:
     def _dead_workers(self, wait: bool) -> list[str]:
         """Pids of workers that have exited; `wait` gives a just-killed one a moment (its pipe can break first)."""
         workers = list(getattr(self._it, "_workers", []))
-        if wait:
+        if wait and workers:
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and all(w.is_alive() for w in workers):
                 time.sleep(0.02)
