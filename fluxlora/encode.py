@@ -29,16 +29,30 @@ def encode_images(c: FluxComponents, images: list[np.ndarray], device: torch.dev
     return (mean - shift) * c.vae.config.scaling_factor
 
 
-def cache_encoder(c: FluxComponents, device: torch.device, max_length: int):
-    """The `encode(images, captions)` callable that LatentCache.build expects."""
+class CacheEncoder:
+    """What `LatentCache` runs: VAE latents for a batch of same-size images, CLIP/T5 outputs for a batch of captions.
 
-    def encode(images: list[np.ndarray], captions: list[str]) -> list[dict]:
-        lat = encode_images(c, images, device)
-        txt = encode_prompts(c, captions, device, max_length)
+    Calling it as `encode(images, captions)` gives the older one-dict-per-image form.
+    """
+
+    def __init__(self, c: FluxComponents, device: torch.device, max_length: int) -> None:
+        self.c, self.device, self.max_length = c, device, max_length
+
+    def images(self, images: list[np.ndarray]) -> torch.Tensor:
+        return encode_images(self.c, images, self.device)
+
+    def texts(self, captions: list[str]) -> dict:
+        return encode_prompts(self.c, captions, self.device, self.max_length)
+
+    def __call__(self, images: list[np.ndarray], captions: list[str]) -> list[dict]:
+        lat, txt = self.images(images), self.texts(captions)
         return [{"latents": lat[i], "t5": txt["t5"][i], "pooled": txt["pooled"][i], "t5_mask": txt["t5_mask"][i]}
                 for i in range(len(images))]
 
-    return encode
+
+def cache_encoder(c: FluxComponents, device: torch.device, max_length: int) -> CacheEncoder:
+    """The encoder that LatentCache.build expects."""
+    return CacheEncoder(c, device, max_length)
 
 
 def move_encoders(c: FluxComponents, device: torch.device | str) -> None:

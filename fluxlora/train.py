@@ -97,10 +97,10 @@ def start_watchdog(cfg: DictConfig) -> StepHeartbeatWatchdog | None:
     return watchdog
 
 
-def total_optimizer_steps(cfg: DictConfig, n_samples: int) -> int:
+def total_optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
     if int(cfg.trainer.max_steps) > 0:
         return int(cfg.trainer.max_steps)
-    per_epoch = math.ceil(math.ceil(n_samples / int(cfg.data.batch_size)) / int(cfg.trainer.accumulate_grad_batches))
+    per_epoch = math.ceil(batches_per_epoch / int(cfg.trainer.accumulate_grad_batches))
     return per_epoch * int(cfg.trainer.max_epochs)
 
 
@@ -154,10 +154,10 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
                    progress=watchdog.progress if watchdog is not None else None)
     heartbeat("build")
 
-    steps = total_optimizer_steps(cfg, len(records))
+    steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     metadata = {"learning_rate": float(cfg.optim.lr), "optimizer": str(cfg.optim.name),
                 "lr_scheduler": str(cfg.optim.scheduler), "seed": int(cfg.seed), "max_train_steps": steps,
-                "resolution": int(cfg.data.resolution), "num_train_images": len(records),
+                "resolution": dm.resolution, "num_train_images": len(records),
                 "sd_model_name": comps.name, "output_name": name,
                 "timestep_sampling": flow.timestep_sampling, "guidance_scale": flow.guidance_scale}
     callbacks = build_callbacks(cfg, metadata, prebuilt={"watchdog": watchdog})

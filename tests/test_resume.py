@@ -62,6 +62,5 @@ def test_resume_at_epoch_boundary_equals_uninterrupted_run(make_cfg, tmp_path, r
     _assert_equivalent(make_cfg, tmp_path, reference, at_step=8)  # end of epoch 2 of 3
 
 
-@pytest.mark.xfail(reason="needs issue-3 sampler", strict=False)
 def test_resume_mid_epoch_equals_uninterrupted_run(make_cfg, tmp_path, reference):
     _assert_equivalent(make_cfg, tmp_path, reference, at_step=6)  # half-way through epoch 2

@@ -1,6 +1,10 @@
 """Data: image folders and captions → content-keyed latent/text caches → batches of cached tensors."""
 
+from fluxlora.data.buckets import BucketBatchSampler, BucketSettings, SampleKey
+from fluxlora.data.cache import CacheEntry, CacheItem, LatentCache
 from fluxlora.data.datamodule import FluxDataModule
 from fluxlora.data.images import ImageRecord, scan_folder
+from fluxlora.data.settings import DataSettings, Subset, data_settings, parse_dataset_toml
 
-__all__ = ["FluxDataModule", "ImageRecord", "scan_folder"]
+__all__ = ["BucketBatchSampler", "BucketSettings", "CacheEntry", "CacheItem", "DataSettings", "FluxDataModule",
+           "ImageRecord", "LatentCache", "SampleKey", "Subset", "data_settings", "parse_dataset_toml", "scan_folder"]

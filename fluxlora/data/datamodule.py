@@ -1,73 +1,70 @@
-"""FluxDataModule: image folder → cache → DataLoader of cached tensors (the training step never sees pixels)."""
+"""FluxDataModule: image folders → cache → DataLoader of cached tensors (the training step never sees pixels).
+
+Example::
+
+    dm = FluxDataModule(cfg.data, cache_dir="outputs/mychar/cache", seed=42)
+    dm.scan()                                            # folders / dataset.toml → records and buckets
+    dm.build_cache(cache_encoder(comps, device, 512), encoder_id, progress=watchdog_heartbeat)
+    trainer.fit(module, datamodule=dm)                   # resumes the data order from a checkpoint too
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import random
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
-from fluxlora.data.cache import CacheEntry, LatentCache, read_entry
-from fluxlora.data.images import ImageRecord, scan_folder
+from fluxlora.data.buckets import BucketBatchSampler
+from fluxlora.data.cache import CacheEntry, CacheItem, LatentCache
+from fluxlora.data.captions import caption_variants
+from fluxlora.data.images import ImageRecord, scan_subset
+from fluxlora.data.loader import CachedDataset, StageNamedDataLoader, seed_worker
+from fluxlora.data.settings import DataSettings, data_settings
 from fluxlora.data.synthetic import make_synthetic
 from fluxlora.errors import FluxLoraError
 
 log = logging.getLogger(__name__)
 
 
-class CachedDataset(Dataset):
-    """Reads one cache file per item; the file name travels with the batch for error messages."""
-
-    def __init__(self, entries: list[CacheEntry]) -> None:
-        self.entries = entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        e = self.entries[i]
-        try:
-            data = read_entry(e.file)
-        except Exception as err:
-            raise FluxLoraError(f"cache file {e.file} (from {e.source}) could not be read: {err}") from err
-        return {
-            "latents": torch.from_numpy(data["latents"]),
-            "t5": torch.from_numpy(data["t5"]),
-            "pooled": torch.from_numpy(data["pooled"]),
-            "t5_mask": torch.from_numpy(data["t5_mask"]),
-            "path": str(e.source),
-        }
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 class FluxDataModule(L.LightningDataModule):
-    """Batches of cached VAE latents and text embeddings.
+    """Batches of cached VAE latents and text embeddings, drawn within aspect-ratio buckets.
+
+    The order of batches depends only on (seed, epoch); `state_dict()` records the epoch and how many batches of it
+    were trained, so a run resumed from a checkpoint continues with the next batch, repeating and skipping none.
 
     Args:
-        cfg: the `data` config node (source, path, resolution, batch_size, num_workers, timeout, ...).
+        cfg: the `data` config node (source, path, subsets, resolution, buckets, batch_size, num_workers, timeout,
+            read_timeout, cache_* ...).
         cache_dir: where the `.npz` caches live.
         synthetic_dir: where the embedded default's images are generated.
         seed: shuffling seed.
+        rank: this process's rank (caching work and batches are split by rank).
+        world_size: number of processes.
     """
 
-    def __init__(self, cfg: Any, cache_dir: str | Path, synthetic_dir: str | Path | None = None, seed: int = 0) -> None:
+    def __init__(self, cfg: Any, cache_dir: str | Path, synthetic_dir: str | Path | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
         self.cache_dir = Path(cache_dir)
         self.synthetic_dir = Path(synthetic_dir) if synthetic_dir else self.cache_dir.parent / "synthetic"
         self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.settings: DataSettings | None = None
         self.records: list[ImageRecord] = []
+        self.items: list[CacheItem] = []
         self.entries: list[CacheEntry] = []
+        self.sampler: BucketBatchSampler | None = None
+        self._empty_caption_file: Path | None = None
+        self._resume: dict | None = None
 
     def scan(self) -> list[ImageRecord]:
         """Find the images and captions (generating the synthetic set for the embedded default)."""
@@ -75,36 +72,169 @@ class FluxDataModule(L.LightningDataModule):
         if cfg.source == "synthetic":
             folder = make_synthetic(self.synthetic_dir, count=int(cfg.count), size=int(cfg.resolution),
                                     seed=self.seed, trigger=str(cfg.class_token or "sks"))
+            settings = data_settings(cfg, folder=folder)
         elif cfg.source == "folder":
-            if cfg.get("path") in (None, "", "???"):
-                raise FluxLoraError("data=folder needs data.path=<folder of images with .txt captions>")
-            folder = Path(str(cfg.path)).expanduser()
+            settings = data_settings(cfg)
         else:
             raise FluxLoraError(f"data.source={cfg.source!r} is not one of synthetic, folder")
-        self.records = scan_folder(folder, str(cfg.caption_extension), str(cfg.class_token or ""))
-        return self.records
+        records, items = [], []
+        for index, subset in enumerate(settings.subsets):
+            for rec in scan_subset(subset, index)[0]:
+                try:
+                    bucket = settings.buckets.bucket_for(rec.width, rec.height)
+                except FluxLoraError as e:
+                    raise FluxLoraError(f"image {rec.path}: {e}") from None
+                records.append(rec)
+                items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, settings.caption_variants)))
+        self.settings, self.records, self.items = settings, records, items
+        self._log_dataset()
+        return records
 
-    def build_cache(self, encode, encoder_id: str, progress=None) -> list[CacheEntry]:
-        """Make sure every image has a valid cache file (reusing what is already there)."""
+    def _log_dataset(self) -> None:
+        s = self.settings
+        sizes = Counter(it.bucket for it in self.items)
+        small = sum(n for b, n in sizes.items() if s.buckets.is_small(b))
+        log.info("dataset %s: %d images in %d folder(s), %d samples per epoch; %s", s.source, len(self.records),
+                 len(s.subsets), self.samples_per_epoch(), s.buckets.describe())
+        log.info("buckets: %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(sizes.items())))
+        if small:
+            log.warning("%d images are smaller than data.buckets.min_size=%d and train at their own size (not "
+                        "upscaled; set data.buckets.upscale=true to enlarge them)", small, s.buckets.min_size)
+
+    def samples_per_epoch(self) -> int:
+        return sum(self.settings.subsets[r.subset].num_repeats for r in self.records)
+
+    @property
+    def resolution(self) -> str:
+        """The training size in words, for metadata: '512' (square) or '768x512'."""
+        w, h = self.settings.buckets.resolution if self.settings else (int(self.cfg.resolution),) * 2
+        return str(w) if w == h else f"{w}x{h}"
+
+    def _needs_empty_caption(self) -> bool:
+        return any(s.caption_dropout_rate > 0 for s in self.settings.subsets)
+
+    def build_cache(self, encode: Any, encoder_id: str, progress=None, rank: int | None = None,
+                    world_size: int | None = None) -> list[CacheEntry]:
+        """Make sure every image has a valid cache file (reusing what is already there).
+
+        Args:
+            encode: a `fluxlora.encode.CacheEncoder` (or the older `encode(images, captions)` callable).
+            encoder_id: identity of the encoders, part of every content key.
+            progress: `progress(done, total)` heartbeat, called for every file checked or written.
+            rank, world_size: split the work across processes (default: the module's own).
+        """
         if not self.records:
             self.scan()
-        cache = LatentCache(self.cache_dir, encoder_id, int(self.cfg.resolution))
-        self.entries = cache.build(self.records, encode, batch_size=int(self.cfg.cache_batch_size), progress=progress)
+        cfg = self.cfg
+        cache = LatentCache(self.cache_dir, encoder_id, dtype=str(cfg.get("cache_dtype", "float32")),
+                            check=str(cfg.get("cache_check", "full")), read_timeout=self.read_timeout)
+        self.entries = cache.build(self.items, encode, batch_size=int(cfg.cache_batch_size), progress=progress,
+                                   rank=self.rank if rank is None else rank,
+                                   world_size=self.world_size if world_size is None else world_size,
+                                   empty_caption=self._needs_empty_caption(),
+                                   wait_timeout=float(cfg.get("cache_wait_timeout", 600)))
+        self._empty_caption_file = cache.empty_caption_file
         return self.entries
 
-    def train_dataloader(self) -> DataLoader:
+    @property
+    def read_timeout(self) -> float:
+        return float(self.cfg.get("read_timeout", 30))
+
+    def make_sampler(self) -> BucketBatchSampler:
+        subsets = self.settings.subsets
+        return BucketBatchSampler(
+            [it.bucket for it in self.items], batch_size=self.settings.batch_size, seed=self.seed,
+            repeats=[subsets[r.subset].num_repeats for r in self.records],
+            variants=[len(it.captions) for it in self.items],
+            dropout=[subsets[r.subset].caption_dropout_rate for r in self.records],
+            rank=self.rank, world_size=self.world_size)
+
+    def batches_per_epoch(self) -> int:
+        """Batches this rank trains per epoch (all buckets, repeats included)."""
+        if not self.items:
+            self.scan()
+        return len(self.sampler or self.make_sampler())
+
+    def _order_id(self) -> str:
+        """Identity of the sample order: a checkpoint's position only means something for the same order."""
+        parts = [[it.record.path.name, it.record.subset, list(it.bucket), len(it.captions)] for it in self.items]
+        s = self.sampler
+        parts.append([s.batch_size, s.seed, s.repeats, s.dropout, s.world_size])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    @override
+    def train_dataloader(self) -> StageNamedDataLoader:
         if not self.entries:
             raise RuntimeError("FluxDataModule.build_cache() must run before training")
-        workers = int(self.cfg.num_workers)
-        return DataLoader(
-            CachedDataset(self.entries),
-            batch_size=int(self.cfg.batch_size),
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+        self.sampler = self.make_sampler()
+        if self._resume is not None:
+            self._apply_resume(self._resume)
+        workers = int(self.cfg.get("num_workers", 2))
+        # PyTorch rejects a timeout without workers
+        timeout = float(self.cfg.get("timeout", 60)) if workers > 0 else 0.0
+        pin = self._uses_cuda()
+        log.info("DataLoader: %d worker(s), batch timeout %s, pin_memory %s, cache reads limited to %gs", workers,
+                 f"{timeout:g}s" if workers else "n/a (no workers)", pin, self.read_timeout)
+        return StageNamedDataLoader(
+            CachedDataset(self.entries, self.read_timeout, self._empty_caption_file),
+            batch_sampler=self.sampler,
             num_workers=workers,
-            timeout=float(self.cfg.timeout) if workers > 0 else 0,  # PyTorch rejects a timeout without workers
-            pin_memory=torch.cuda.is_available(),
+            timeout=timeout,
+            pin_memory=pin,
             persistent_workers=workers > 0,
-            worker_init_fn=_seed_worker if workers > 0 else None,
-            drop_last=False,
+            worker_init_fn=seed_worker if workers > 0 else None,
+            # the loader draws its workers' base seed when an epoch starts: from its own generator, so the global
+            # RNG (noise and σ, restored exactly on resume) is not consumed at epoch boundaries
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _uses_cuda(self) -> bool:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it already trained), as Lightning will resume: from its own loop counters.
+
+        A checkpoint saved in `on_train_batch_end` has `ready` = batches fetched = batches trained (Lightning
+        fetches no batch ahead when the loader has a length); one saved at the end of an epoch points to the next.
+        """
+        epoch = self.sampler.epoch if self.sampler is not None else 0
+        trainer = self.trainer
+        if trainer is None or self.sampler is None:
+            return epoch, 0
+        loop = trainer.fit_loop
+        ep, bp = loop.epoch_progress.current, loop.epoch_loop.batch_progress.current
+        epoch, done = ep.processed, (bp.ready if ep.started > ep.processed else 0)
+        if done >= len(self.sampler):
+            epoch, done = epoch + 1, 0
+        return epoch, done
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.sampler is None:
+            return {}
+        epoch, done = self.position()
+        return {"epoch": epoch, "batches_done": done, "batches_per_epoch": len(self.sampler), "seed": self.seed,
+                "order": self._order_id()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._resume = dict(state_dict)
+        # the loader resumes through this state, not through Lightning's stateful-loader protocol
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+        if self.sampler is not None:
+            self._apply_resume(self._resume)
+
+    def _apply_resume(self, state: dict) -> None:
+        epoch, done = int(state.get("epoch", 0)), int(state.get("batches_done", 0))
+        if state.get("order") != self._order_id():
+            log.warning("the dataset, batch size or seed changed since the checkpoint: epoch %d starts from its first "
+                        "batch (the sample order differs from the interrupted run)", epoch)
+            done = 0
+        self.sampler.resume_at(epoch, done)
+        self._resume = None
+        log.info("data resumes at epoch %d, batch %d of %d", epoch, done, len(self.sampler))
