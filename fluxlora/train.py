@@ -20,7 +20,7 @@ from fluxlora.encode import cache_encoder, move_encoders
 from fluxlora.errors import FluxLoraError
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings
-from fluxlora.memory import MemorySettings, apply_memory_settings
+from fluxlora.memory import MemorySettings, apply_memory_settings, enable_block_swap
 from fluxlora.models import load_components
 from fluxlora.models.components import resolve_dtype
 from fluxlora.module import FluxLoRAModule
@@ -135,10 +135,13 @@ def run(cfg: DictConfig) -> float | None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    comps.load_transformer(device)  # read only now the text encoders are gone: host RAM peaks near the largest file
-    apply_memory_settings(comps.transformer, memory, compute_dtype)
+    # read only now the text encoders are gone: host RAM peaks near the largest file
+    comps.load_transformer(memory.load_device(device))
+    apply_memory_settings(comps.transformer, memory, compute_dtype, device)
     module = FluxLoRAModule(comps.transformer, lora, flow, cfg.optim, total_steps=steps, compute_dtype=compute_dtype,
                             nonfinite=str(cfg.train.nonfinite), max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
+    beat = next((cb.beat for cb in callbacks if callable(getattr(cb, "beat", None))), None)
+    swapper = enable_block_swap(comps.transformer, memory, device, heartbeat=beat)  # before Lightning moves the rest
     loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="tensorboard", version=""),
                L.pytorch.loggers.CSVLogger(str(out / "logs"), name="csv", version="")]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -147,6 +150,9 @@ def run(cfg: DictConfig) -> float | None:
         trainer_cfg["gradient_clip_val"] = None
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(out))
     trainer.fit(module, datamodule=dm)
+    if swapper is not None:
+        log.info("block swap: %d block copies, %.1f GB host->GPU, %.2f s waited on copies", swapper.stats["loads"],
+                 swapper.stats["bytes"] / 1e9, swapper.stats["wait_s"])
     if trainer.interrupted:
         raise FluxLoraError("training was interrupted")
 
