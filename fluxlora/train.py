@@ -83,6 +83,31 @@ def total_optimizer_steps(cfg: DictConfig, n_samples: int) -> int:
     return per_epoch * int(cfg.trainer.max_epochs)
 
 
+def precision_for(cfg: DictConfig, device: torch.device) -> tuple[str, torch.dtype]:
+    """Lightning precision and the transformer's compute dtype: bf16-mixed on CUDA, fp32 on the CPU unless set."""
+    precision = cfg.trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
+    return str(precision), compute_dtype
+
+
+def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype,
+                 steps: int, heartbeat=None):
+    """Memory settings, LoRA layers and block swapping on a loaded transformer, in the order a run applies them
+    (bench/memory_tiers.py calls this too). Read the transformer to `MemorySettings.load_device(device)` first.
+
+    Returns:
+        (FluxLoRAModule, BlockSwapper or None).
+    """
+    memory = settings(MemorySettings, cfg.memory)
+    apply_memory_settings(transformer, memory, compute_dtype, device)
+    module = FluxLoRAModule(transformer, settings(LoraSettings, cfg.lora), settings(FlowConfig, cfg.flow), cfg.optim,
+                            total_steps=steps, compute_dtype=compute_dtype, nonfinite=str(cfg.train.nonfinite),
+                            max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
+    # installed before Lightning moves the module: the swapped weights stay on the host
+    swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
+    return module, swapper
+
+
 def _route_lightning_logs() -> None:
     """Lightning installs its own console handler; send its records through the root (Hydra's) handlers once."""
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]:
@@ -102,12 +127,11 @@ def run(cfg: DictConfig) -> float | None:
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    lora = settings(LoraSettings, cfg.lora)
+    settings(LoraSettings, cfg.lora)  # a bad lora value fails here, before anything is loaded
     flow = settings(FlowConfig, cfg.flow)
     memory = settings(MemorySettings, cfg.memory)
     device = device_for(cfg)
-    precision = cfg.trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-    compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
+    precision, compute_dtype = precision_for(cfg, device)
 
     log.info("loading model (%s)", cfg.model.source)
     comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True)
@@ -137,11 +161,8 @@ def run(cfg: DictConfig) -> float | None:
 
     # read only now the text encoders are gone: host RAM peaks near the largest file
     comps.load_transformer(memory.load_device(device))
-    apply_memory_settings(comps.transformer, memory, compute_dtype, device)
-    module = FluxLoRAModule(comps.transformer, lora, flow, cfg.optim, total_steps=steps, compute_dtype=compute_dtype,
-                            nonfinite=str(cfg.train.nonfinite), max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
     beat = next((cb.beat for cb in callbacks if callable(getattr(cb, "beat", None))), None)
-    swapper = enable_block_swap(comps.transformer, memory, device, heartbeat=beat)  # before Lightning moves the rest
+    module, swapper = build_module(cfg, comps.transformer, device, compute_dtype, steps, heartbeat=beat)
     loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="tensorboard", version=""),
                L.pytorch.loggers.CSVLogger(str(out / "logs"), name="csv", version="")]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
