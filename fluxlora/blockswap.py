@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fluxlora.checkpointing import _checkpoint_func, inside_checkpoint, transformer_blocks
+from fluxlora.checkpointing import block_checkpoint_func, inside_checkpoint, transformer_blocks
 from fluxlora.errors import StageTimeoutError
 from fluxlora.swap_schedule import Plan, SwapSchedule
 from fluxlora.swap_transfer import HostTransfers, Transfer
@@ -103,7 +103,7 @@ class BlockSwapper:
             raise ValueError(f"block swap timeout must be > 0 s, got {timeout_s}")
         self.blocks = transformer_blocks(transformer)
         fn = getattr(transformer, "_gradient_checkpointing_func", None)
-        if getattr(transformer, "gradient_checkpointing", False) and fn is not _checkpoint_func:
+        if getattr(transformer, "gradient_checkpointing", False) and fn is not block_checkpoint_func:
             raise ValueError("block swapping needs checkpointing enabled through fluxlora.checkpointing."
                              "checkpoint_blocks (memory.gradient_checkpointing), not diffusers' default")
         self.schedule = SwapSchedule(positions, len(self.blocks), prefetch)

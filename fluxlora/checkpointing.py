@@ -39,7 +39,8 @@ def _run_marked(block: torch.nn.Module, *args):
         return block(*args)
 
 
-def _checkpoint_func(block: torch.nn.Module, *args):
+def block_checkpoint_func(block: torch.nn.Module, *args):
+    """diffusers calls this for every block: checkpoint the marked ones, run the others plainly."""
     if getattr(block, MARK, False):
         return checkpoint(_run_marked, block, *args, use_reentrant=False)
     return block(*args)
@@ -66,5 +67,5 @@ def checkpoint_blocks(transformer: torch.nn.Module, every: int = 1) -> list[str]
         setattr(block, MARK, pos % every == 0)
         if pos % every == 0:
             chosen.append(name)
-    transformer.enable_gradient_checkpointing(_checkpoint_func)
+    transformer.enable_gradient_checkpointing(block_checkpoint_func)
     return chosen

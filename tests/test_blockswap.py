@@ -125,17 +125,18 @@ def _loads(swapper: BlockSwapper, phase: str) -> list[str]:
 ])
 def test_swapped_training_is_exactly_the_plain_training(storage, gc_on, every, blocks):
     mem = MemorySettings(base_storage=storage, gradient_checkpointing=gc_on, checkpoint_every=every)
-    plain = train_steps(module_for(mem, blocks), steps=2)
+    steps = 2 if storage == "none" and not gc_on else 1  # one case crosses a step boundary; Lightning's test too
+    plain = train_steps(module_for(mem, blocks), steps=steps)
     module = module_for(mem, blocks)
     first_inputs = []
     block0 = module.transformer.transformer_blocks[0]
     block0.register_forward_pre_hook(lambda m, a: first_inputs.append([t.requires_grad for t in a if
                                                                        isinstance(t, torch.Tensor)]))
     swapper = _swapped(module)
-    swapped = train_steps(module, steps=2)
+    swapped = train_steps(module, steps=steps)
     assert_same(plain, swapped)
     assert first_inputs and not any(any(r) for r in first_inputs)  # the first swapped block's inputs need no grad
-    assert swapper.stats["loads"] >= 2 * len(SWAPPED)
+    assert swapper.stats["loads"] >= steps * len(SWAPPED)
     assert all(mod._parameters[p] is None for mod, p, _ in swapper.swapped[0].slots)  # off the "device" again
 
 
@@ -191,7 +192,7 @@ class StalledTransfers(HostTransfers):
     """The `nth` copy of `block` never completes."""
 
     def __init__(self, block: str, nth: int = 1) -> None:
-        self.block, self.nth, self.started = block, nth, {}
+        self.block, self.nth, self.started, self.first_poll = block, nth, {}, None
 
     def start(self, block, host):
         self.started[block] = self.started.get(block, 0) + 1
@@ -200,18 +201,20 @@ class StalledTransfers(HostTransfers):
         return tr
 
     def ready(self, tr):
+        if tr.event == "stuck" and self.first_poll is None:
+            self.first_poll = time.monotonic()  # the bounded wait starts here
         return tr.event != "stuck"
 
 
 @pytest.mark.parametrize("nth,where", [(1, "forward"), (2, "backward")])
 def test_a_copy_that_never_completes_fails_within_its_timeout_naming_the_block(nth, where):
     module = module_for(MemorySettings())
-    _swapped(module, StalledTransfers("transformer_blocks.2", nth), timeout_s=0.3)
-    t0 = time.monotonic()
+    backend = StalledTransfers("transformer_blocks.2", nth)
+    _swapped(module, backend, timeout_s=0.3)
     with pytest.raises(StageTimeoutError) as err:
         train_steps(module, steps=1)
-    elapsed = time.monotonic() - t0
-    assert 0.3 <= elapsed < 0.3 + 1.5
+    waited = time.monotonic() - backend.first_poll
+    assert 0.3 <= waited < 0.3 + 0.5  # the deadline, plus one poll interval and the unwinding of the step
     msg = str(err.value)
     assert "transformer_blocks.2" in msg and "0.3s" in msg and f"block swap ({where})" in msg
 
@@ -235,8 +238,7 @@ def test_remove_puts_the_weights_back():
     swapper.remove()
     assert empty() == before
     restored = train_steps(module, steps=1)
-    # one step already trained the LoRA, so compare with a plain module trained the same way
-    reference = train_steps(plain, steps=1)
+    train_steps(plain, steps=1)  # the same first step as the swapped module took
     reference = train_steps(plain, steps=1)
     assert_same(reference, restored)
 
@@ -268,3 +270,31 @@ def test_block_swap_is_off_on_the_cpu():
     module = module_for(MemorySettings())
     assert enable_block_swap(module.transformer, MemorySettings(blocks_to_swap=2), torch.device("cpu")) is None
     assert all(p is not None for p in module.transformer.parameters())
+
+
+def test_lightning_fit_with_swapping_ends_with_the_same_lora():
+    import lightning as L
+
+    from fluxlora.lora import lora_parameters
+    from memory_helpers import batch
+
+    class Cached(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {k: v[0] for k, v in batch(i, n=1).items()}
+
+    def fit(swap: bool) -> dict:
+        module = module_for(MemorySettings(gradient_checkpointing=True, checkpoint_every=2))
+        swapper = _swapped(module) if swap else None
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, torch.utils.data.DataLoader(Cached(), batch_size=1))
+        if swapper is not None:  # Lightning moved the module around; swapped weights stayed with the swapper
+            assert swapper.stats["loads"] > 0 and not swapper._transfers
+        return {n: p.detach().clone() for n, p in lora_parameters(module.transformer).items()}
+
+    plain, swapped = fit(False), fit(True)
+    assert plain.keys() == swapped.keys() and all(torch.equal(plain[n], swapped[n]) for n in plain)
