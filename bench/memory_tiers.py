@@ -12,6 +12,11 @@ whole cell (load included) is at most budget - 1 GiB.
     python bench/memory_tiers.py --layers 2 --tiers 12gb --res 512  # quick: 2 double + 4 single Flux-dev-wide blocks
     python bench/memory_tiers.py --device cpu --tiny --res 64 --in-process     # CPU smoke test of this script
 
+On the device (wheels of diffusers, hydra-core, omegaconf, antlr4, bitsandbytes, lightning in .whl/, carried):
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python3 bench/memory_tiers.py --tiers 12gb 8gb --lora fluxgym
+fluxlora itself runs from the checkout (PYTHONPATH=.): the configs are then read from conf/ directly.
+
 LoRA variants: `tier` (the tier's own LoRA), `r16all` (rank 16 on all blocks), `fluxgym` (rank 4 on single blocks:
 FluxGym's 12G flags, compared with sd-scripts' block swap from DESIGN.md).
 """
@@ -67,13 +72,28 @@ def ensure_bfl(args) -> Path:
     return path
 
 
+def _config_context():
+    """The installed package's configs (`fluxlora.conf`), or this checkout's conf/ when fluxlora runs from the
+    source tree (PYTHONPATH=.), where the conf/ → fluxlora.conf mapping of the install does not exist."""
+    import importlib.util
+
+    from hydra import initialize_config_dir, initialize_config_module
+
+    try:
+        installed = importlib.util.find_spec("fluxlora.conf") is not None
+    except ModuleNotFoundError:
+        installed = False
+    if installed:
+        return initialize_config_module(config_module="fluxlora.conf", version_base="1.3")
+    return initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3")
+
+
 def compose(tier: str, lora: str, extra: list[str], device: str, bfl: Path):
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
 
     overrides = [f"+vram={tier}", "model=flux-dev", f"model.path={bfl.parent}", f"trainer.accelerator={device}",
                  *LORA[lora], *extra]
-    with initialize_config_module(config_module="fluxlora.conf", version_base="1.3"):
+    with _config_context():
         return hydra_compose(config_name="config", overrides=overrides)
 
 
@@ -104,7 +124,6 @@ def step_timer(device: torch.device, warm: int, t_start: float):
 
     class Timer(L.Callback):
         first = t0 = t1 = 0.0
-        window_peak = (0, 0)
 
         def on_train_batch_start(self, trainer, *a):
             if trainer.global_step == warm:
@@ -162,6 +181,7 @@ def run_cell(spec: dict) -> dict:
     device = torch.device(spec["device"])
     out = {k: spec[k] for k in ("tier", "res", "lora")} | {"budget_gib": spec["budget_gib"]}
     if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails on Flux attention (DESIGN.md)
         out["card_gib"] = round(cap_memory(device, spec["budget_gib"]), 1)
     bfl = Path(spec["bfl"])
