@@ -1,15 +1,19 @@
-"""Memory knobs for the frozen base model: storage dtype, fp8 weight storage, gradient checkpointing."""
+"""Memory knobs for the frozen base model: storage (fp8 or NF4), gradient checkpointing (every k-th block), and
+block swapping. Storage and checkpointing are applied before LoRA layers are added; block swapping after."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from fluxlora.errors import FluxLoraError
+
 log = logging.getLogger(__name__)
 
-STORAGE = ("none", "fp8")
+STORAGE = ("none", "fp8", "nf4")
 
 
 @dataclass
@@ -17,29 +21,97 @@ class MemorySettings:
     """How the frozen transformer is kept in memory."""
 
     base_storage: str = "none"
-    """`fp8`: keep frozen weights in float8_e4m3fn and upcast per layer for compute (diffusers layerwise casting)."""
+    """`fp8`: frozen weights in float8_e4m3fn, upcast per layer for compute (diffusers layerwise casting).
+    `nf4`: the blocks' Linears in 4-bit NormalFloat (bitsandbytes `Linear4bit`), dequantized per matmul."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward instead of storing them."""
+    checkpoint_every: int = 1
+    """With checkpointing: checkpoint blocks 0, k, 2k, ... (forward order); 1 = every block, as diffusers does."""
     blocks_to_swap: int = 0
-    """Blocks kept in host memory and streamed in; 0 = off (the default in every tier)."""
+    """Blocks whose frozen weights live in host memory and are streamed in, counted as sd-scripts counts them
+    (N//2 double + 2·(N − N//2) single blocks, so N means what FluxGym's `--blocks_to_swap N` means); 0 = off."""
+    swap_prefetch: int = 1
+    """Swapped blocks in flight ahead of the running one (each costs one block of GPU memory)."""
+    swap_timeout_s: float = 60.0
+    """Longest wait for one block's host→device copy; past it the run fails naming the block."""
 
     def __post_init__(self) -> None:
         if self.base_storage not in STORAGE:
             raise ValueError(f"memory.base_storage={self.base_storage!r} is not one of {STORAGE}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"memory.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.blocks_to_swap < 0:
             raise ValueError(f"memory.blocks_to_swap must be >= 0, got {self.blocks_to_swap}")
-        if self.blocks_to_swap:
-            raise NotImplementedError("memory.blocks_to_swap > 0 is not implemented yet; use gradient checkpointing and fp8")
+        if self.swap_prefetch < 0:
+            raise ValueError(f"memory.swap_prefetch must be >= 0, got {self.swap_prefetch}")
+        if self.swap_timeout_s <= 0:
+            raise ValueError(f"memory.swap_timeout_s must be > 0, got {self.swap_timeout_s}")
+        if self.blocks_to_swap and self.base_storage == "nf4":
+            raise ValueError("memory.blocks_to_swap with memory.base_storage=nf4 is not supported: "
+                             "use fp8 storage with block swapping, or nf4 without it")
+
+    def load_device(self, device: torch.device) -> torch.device:
+        """Where the transformer is read to: the host when only part of it may go to the GPU (swap) or when it is
+        quantized on its way there (nf4: a bf16 model does not fit the cards that need NF4)."""
+        if device.type == "cuda" and (self.blocks_to_swap or self.base_storage == "nf4"):
+            return torch.device("cpu")
+        return device
 
 
-def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings, compute_dtype: torch.dtype) -> None:
-    """Apply storage and checkpointing to the frozen transformer; call before LoRA layers are added."""
+def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings, compute_dtype: torch.dtype,
+                          device: torch.device | str | None = None) -> None:
+    """Apply storage and checkpointing to the frozen transformer; call before LoRA layers are added.
+
+    `device`: where NF4 weights are quantized to (default: where the weights are).
+    """
     if settings.base_storage == "fp8":
         # LoRA layers added later stay in their own dtype: only the frozen Linears/Convs get the casting hooks
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
         log.info("base transformer stored in float8_e4m3fn, computed in %s", compute_dtype)
+    elif settings.base_storage == "nf4":
+        from fluxlora.quantize import quantize_blocks_nf4
+
+        quantize_blocks_nf4(transformer, compute_dtype, device)
     if settings.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        from fluxlora.checkpointing import checkpoint_blocks
+
+        chosen = checkpoint_blocks(transformer, settings.checkpoint_every)
+        log.info("gradient checkpointing on %d blocks (every %d)", len(chosen), settings.checkpoint_every)
+
+
+def swap_positions(transformer: torch.nn.Module, blocks_to_swap: int) -> list[int]:
+    """Positions (forward order) of the blocks `blocks_to_swap` swaps: sd-scripts' double/single split, each kind
+    spread evenly over its list so every copy hides behind the compute of resident blocks."""
+    from fluxlora.swap_schedule import sd_scripts_split, spread
+
+    n_double = len(getattr(transformer, "transformer_blocks", []))
+    n_single = len(getattr(transformer, "single_transformer_blocks", []))
+    double, single = sd_scripts_split(blocks_to_swap)
+    if double > n_double or single > n_single:
+        most = max(n for n in range(2 * (n_double + n_single) + 1)
+                   if sd_scripts_split(n)[0] <= n_double and sd_scripts_split(n)[1] <= n_single)
+        raise FluxLoraError(f"memory.blocks_to_swap={blocks_to_swap} asks for {double} double and {single} single "
+                            f"blocks; this model has {n_double} and {n_single} (at most blocks_to_swap={most})")
+    return spread(double, n_double) + [n_double + i for i in spread(single, n_single)]
+
+
+def enable_block_swap(transformer: torch.nn.Module, settings: MemorySettings, device: torch.device,
+                      heartbeat: Callable[[str], None] | None = None):
+    """Install block swapping (after LoRA layers were added, before the model moves to the GPU).
+
+    Returns the `BlockSwapper`, or None when swapping is off or the device is not CUDA (nothing to swap to).
+    """
+    if not settings.blocks_to_swap:
+        return None
+    if torch.device(device).type != "cuda":
+        log.info("memory.blocks_to_swap=%d ignored: block swapping moves weights to a GPU, and this run is on %s",
+                 settings.blocks_to_swap, device)
+        return None
+    from fluxlora.blockswap import BlockSwapper
+    from fluxlora.swap_transfer import CudaTransfers
+
+    return BlockSwapper(transformer, swap_positions(transformer, settings.blocks_to_swap), CudaTransfers(device),
+                        prefetch=settings.swap_prefetch, timeout_s=settings.swap_timeout_s, heartbeat=heartbeat)
 
 
 def fp8_stored_parameters(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> set[str]:

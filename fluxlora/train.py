@@ -23,7 +23,7 @@ from fluxlora.encode import cache_encoder, move_encoders
 from fluxlora.errors import FluxLoraError, RunInterrupted
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings
-from fluxlora.memory import MemorySettings, apply_memory_settings
+from fluxlora.memory import MemorySettings, apply_memory_settings, enable_block_swap
 from fluxlora.models import load_components
 from fluxlora.models.components import resolve_dtype
 from fluxlora.module import FluxLoRAModule
@@ -104,6 +104,31 @@ def total_optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
     return per_epoch * int(cfg.trainer.max_epochs)
 
 
+def precision_for(cfg: DictConfig, device: torch.device) -> tuple[str, torch.dtype]:
+    """Lightning precision and the transformer's compute dtype: bf16-mixed on CUDA, fp32 on the CPU unless set."""
+    precision = cfg.trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
+    return str(precision), compute_dtype
+
+
+def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype,
+                 steps: int, heartbeat=None):
+    """Memory settings, LoRA layers and block swapping on a loaded transformer, in the order a run applies them
+    (bench/memory_tiers.py calls this too). Read the transformer to `MemorySettings.load_device(device)` first.
+
+    Returns:
+        (FluxLoRAModule, BlockSwapper or None).
+    """
+    memory = settings(MemorySettings, cfg.memory)
+    apply_memory_settings(transformer, memory, compute_dtype, device)
+    module = FluxLoRAModule(transformer, settings(LoraSettings, cfg.lora), settings(FlowConfig, cfg.flow), cfg.optim,
+                            total_steps=steps, compute_dtype=compute_dtype, nonfinite=str(cfg.train.nonfinite),
+                            max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
+    # installed before Lightning moves the module: the swapped weights stay on the host
+    swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
+    return module, swapper
+
+
 def _route_lightning_logs() -> None:
     """Lightning installs its own console handler; send its records through the root (Hydra's) handlers once."""
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("lightning")]:
@@ -132,12 +157,11 @@ def run(cfg: DictConfig) -> float | None:
 def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdog | None) -> float | None:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    lora = settings(LoraSettings, cfg.lora)
+    settings(LoraSettings, cfg.lora)  # a bad lora value fails here, before anything is loaded
     flow = settings(FlowConfig, cfg.flow)
     memory = settings(MemorySettings, cfg.memory)
     device = device_for(cfg)
-    precision = cfg.trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-    compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
+    precision, compute_dtype = precision_for(cfg, device)
 
     log.info("loading model (%s)", cfg.model.source)
     heartbeat("load_model")
@@ -169,10 +193,10 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    comps.load_transformer(device)  # read only now the text encoders are gone: host RAM peaks near the largest file
-    apply_memory_settings(comps.transformer, memory, compute_dtype)
-    module = FluxLoRAModule(comps.transformer, lora, flow, cfg.optim, total_steps=steps, compute_dtype=compute_dtype,
-                            nonfinite=str(cfg.train.nonfinite), max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
+    # read only now the text encoders are gone: host RAM peaks near the largest file
+    comps.load_transformer(memory.load_device(device))
+    beat = next((cb.beat for cb in callbacks if callable(getattr(cb, "beat", None))), None)
+    module, swapper = build_module(cfg, comps.transformer, device, compute_dtype, steps, heartbeat=beat)
     loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="tensorboard", version=""),
                L.pytorch.loggers.CSVLogger(str(out / "logs"), name="csv", version="")]
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -189,6 +213,9 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
         trainer.fit(module, datamodule=dm, ckpt_path=str(plan.path) if plan.path else None)
     except SIGTERMException as e:  # Lightning's own SIGTERM path (our checkpoint callback was left out)
         raise RunInterrupted("stopped by SIGTERM", signal.SIGTERM) from e
+    if swapper is not None:
+        log.info("block swap: %d block copies, %.1f GB host->GPU, %.2f s waited on copies", swapper.stats["loads"],
+                 swapper.stats["bytes"] / 1e9, swapper.stats["wait_s"])
     if trainer.interrupted:
         raise FluxLoraError("training was interrupted")
 

@@ -11,18 +11,17 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import FluxLoraError
-from fluxlora.memory import fp8_stored_parameters
+from fluxlora.memory import STORAGE, fp8_stored_parameters
 from fluxlora.models import bfl
 from fluxlora.models.files import LoadTimer, assign_state, meta_model, read_header, read_tensors
 
 log = logging.getLogger(__name__)
 
-STORAGE = ("none", "fp8")
-
 
 def _dtype_plan(model: torch.nn.Module, dtype: torch.dtype, storage: str) -> Callable[[str], torch.dtype]:
     """name -> dtype to keep it in: fp8 for what layerwise casting would store in fp8, `dtype` for the rest
-    (norms, embedders, modulation), so fp8 files are upcast only where the model computes in full precision."""
+    (norms, embedders, modulation), so fp8 files are upcast only where the model computes in full precision.
+    `nf4` reads everything in `dtype`: the blocks are quantized afterwards (`fluxlora.quantize`)."""
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r} is not one of {STORAGE}")
     fp8 = fp8_stored_parameters(model, dtype) if storage == "fp8" else set()
@@ -48,7 +47,8 @@ def load_transformer(source: str | Path, dtype: torch.dtype = torch.bfloat16, st
         source: a BFL single file (`flux1-dev.safetensors`/`.sft`, bf16/fp16/fp8, with or without the
             `model.diffusion_model.` prefix) or a diffusers `transformer/` folder (config.json + safetensors shards).
         dtype: the compute dtype: every tensor that is not fp8-stored ends up in it.
-        storage: `fp8` keeps the frozen Linear weights in float8_e4m3fn exactly as `memory.base_storage=fp8` would.
+        storage: `fp8` keeps the frozen Linear weights in float8_e4m3fn exactly as `memory.base_storage=fp8` would;
+            `nf4` reads them in `dtype` (quantized later by `apply_memory_settings`).
         device: where tensors are read to (`cuda` loads straight onto the GPU).
     """
     from diffusers import FluxTransformer2DModel

@@ -1,0 +1,103 @@
+"""GPU checks of the memory tools (skipped on the CPU; run with CUDA_VISIBLE_DEVICES=0, conftest hides GPUs
+otherwise): block swapping trains the same LoRA as without it within bf16 tolerance, through the real CUDA backend
+(pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.train.run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxlora.errors import StageTimeoutError
+from fluxlora.flow import FlowConfig
+from fluxlora.lora import LoraSettings, lora_parameters
+from fluxlora.memory import MemorySettings, apply_memory_settings, enable_block_swap
+from fluxlora.models import tiny
+from fluxlora.module import FluxLoRAModule
+from fluxlora.swap_transfer import CudaTransfers
+from memory_helpers import OPTIM, batch
+
+pytestmark = pytest.mark.gpu
+# wider than the tiny model so kernels and copies are real work; LoRA inputs stay the tiny caches' widths
+CONFIG = dict(tiny.TRANSFORMER, num_layers=4, num_single_layers=8, attention_head_dim=64, num_attention_heads=4,
+              axes_dims_rope=(16, 24, 24))
+BF16_RTOL = 2e-2  # a few bf16 ulps on the LoRA's change over the run
+
+
+def _train(memory: MemorySettings, steps: int = 4, backend=None) -> tuple[dict, dict, object]:
+    from diffusers import FluxTransformer2DModel
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**CONFIG).to(torch.bfloat16).eval()  # on the host, as a swap run reads it
+    apply_memory_settings(model, memory, torch.bfloat16, device)
+    torch.manual_seed(1)
+    module = FluxLoRAModule(model, LoraSettings(rank=4, alpha=4), FlowConfig(), OPTIM, total_steps=steps,
+                            compute_dtype=torch.bfloat16)
+    start = {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+    swapper = enable_block_swap(model, memory, device)
+    if backend is not None and swapper is not None:
+        swapper.backend = backend
+    module.to(device)
+    opt = torch.optim.AdamW(lora_parameters(model).values(), lr=1e-2)
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        loss = module.flow_loss(batch(step))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss)
+    return start, {n: p.detach().cpu() for n, p in lora_parameters(model).items()}, swapper
+
+
+def _delta_error(start: dict, a: dict, b: dict) -> float:
+    da = torch.cat([(a[n] - start[n].cpu()).flatten() for n in a])
+    db = torch.cat([(b[n] - start[n].cpu()).flatten() for n in a])
+    return ((da - db).norm() / db.norm()).item()
+
+
+@pytest.mark.parametrize("gc_on", [False, True])
+def test_block_swap_trains_the_same_lora_on_the_gpu(gc_on):
+    plain_mem = MemorySettings(base_storage="fp8", gradient_checkpointing=gc_on)
+    swap_mem = MemorySettings(base_storage="fp8", gradient_checkpointing=gc_on, blocks_to_swap=4)
+    start, plain, _ = _train(plain_mem)
+    _, swapped, swapper = _train(swap_mem)
+    assert swapper is not None and swapper.stats["loads"] >= 4 * len(swapper.swapped)
+    assert all(m._parameters[p] is None for sb in swapper.swapped.values() for m, p, _ in sb.slots)
+    assert _delta_error(start, swapped, plain) < BF16_RTOL
+
+
+def test_a_stuck_cuda_copy_fails_within_its_timeout():
+    class Stuck(CudaTransfers):
+        def ready(self, transfer):
+            return False
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    mem = MemorySettings(base_storage="fp8", blocks_to_swap=2, swap_timeout_s=0.5)
+    with pytest.raises(StageTimeoutError, match=r"transformer_blocks\.\d+ .*0\.5s|0\.5s.*transformer_blocks"):
+        _train(mem, steps=1, backend=Stuck(device))
+
+
+def test_nf4_trains_on_the_gpu():
+    _, weights, _ = _train(MemorySettings(base_storage="nf4", gradient_checkpointing=True), steps=2)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
+    from safetensors.torch import load_file
+
+    from fluxlora.train import run
+
+    files = []
+    for swap in (0, 2):
+        cfg = make_cfg("trainer.accelerator=gpu", "trainer.max_steps=4", "~callbacks.sampler",
+                       f"memory.blocks_to_swap={swap}", "memory.base_storage=fp8",
+                       "memory.gradient_checkpointing=true", f"name=swap{swap}")
+        run(cfg)
+        files.append(load_file(str(Path(cfg.output.dir) / f"swap{swap}.safetensors")))
+    plain, swapped = files
+    assert plain.keys() == swapped.keys()
+    for k in plain:
+        torch.testing.assert_close(swapped[k].float(), plain[k].float(), rtol=BF16_RTOL, atol=1e-3)
