@@ -28,6 +28,7 @@ from fluxlora.models import load_components
 from fluxlora.models.components import resolve_dtype
 from fluxlora.module import FluxLoRAModule
 from fluxlora.resume import report_complete, resume_plan
+from fluxlora.speed import SpeedSettings, apply_speed_settings
 
 log = logging.getLogger("fluxlora")
 
@@ -126,6 +127,10 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
                             max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
     # installed before Lightning moves the module: the swapped weights stay on the host
     swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
+    speed = settings(SpeedSettings, cfg.speed) if cfg.get("speed") is not None else SpeedSettings()
+    if speed.compile_blocks and swapper is not None:
+        raise FluxLoraError("speed.compile_blocks with memory.blocks_to_swap > 0 is not supported yet; use one of them")
+    apply_speed_settings(transformer, speed)
     return module, swapper
 
 

@@ -48,3 +48,23 @@ def test_compiled_blocks_follow_the_eager_loss_curve():
 def test_unknown_compile_scope_is_rejected():
     with pytest.raises(ValueError, match="compile_scope"):
         apply_speed_settings(torch.nn.Module(), SpeedSettings(compile_blocks=True, compile_scope="layers"))
+
+
+def test_run_config_applies_compile_blocks(make_cfg):
+    from fluxlora.train import build_module
+
+    cfg = make_cfg("speed.compile_blocks=true")
+    transformer = tiny.build()["transformer"]
+    build_module(cfg, transformer, torch.device("cpu"), torch.float32, steps=2)
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks)  # compiled lazily, at the first step
+
+
+def test_compile_with_block_swap_is_refused(make_cfg, monkeypatch):
+    from fluxlora import train as train_mod
+    from fluxlora.errors import FluxLoraError
+
+    monkeypatch.setattr(train_mod, "enable_block_swap", lambda *a, **k: object())  # as on a GPU with swapping on
+    cfg = make_cfg("speed.compile_blocks=true")
+    with pytest.raises(FluxLoraError, match="compile_blocks with memory.blocks_to_swap"):
+        train_mod.build_module(cfg, tiny.build()["transformer"], torch.device("cpu"), torch.float32, steps=2)
