@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -175,8 +174,7 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     records = dm.scan()
     log.info("dataset: %d images", len(records))
 
-    encoder_id = json.dumps({"model": comps.name, "files": comps.fingerprint, "t5": int(cfg.model.t5_max_length)},
-                            sort_keys=True)
+    encoder_id = comps.encoder_identity(int(cfg.model.t5_max_length))
     move_encoders(comps, device)
     heartbeat("caching")
     dm.build_cache(cache_encoder(comps, device, int(cfg.model.t5_max_length)), encoder_id,

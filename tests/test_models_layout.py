@@ -153,3 +153,18 @@ def test_training_run_from_single_files_with_init_from_and_model_card(make_cfg, 
     grid = next(line for line in card.splitlines() if line.startswith("![")).split("(")[1].rstrip(")")
     assert (out / grid).is_file() and grid.startswith("sample/")
     assert f"| init_from | {lora} |" in card and "load_lora_weights" in card
+
+
+def test_cache_identity_ignores_the_transformer_file():
+    from fluxlora.models.components import FluxComponents
+
+    def comps(transformer_fp):
+        return FluxComponents(None, None, None, None, None, None, None, name="x",
+                              fingerprint={"transformer": transformer_fp, "vae": {"size": 1}, "clip_l": {"size": 2},
+                                           "t5xxl": {"size": 3}})
+
+    assert comps({"size": 10}).encoder_identity(512) == comps({"size": 11}).encoder_identity(512)
+    assert comps({"size": 10}).encoder_identity(512) != comps({"size": 10}).encoder_identity(256)
+    other_vae = comps({"size": 10})
+    other_vae.fingerprint["vae"] = {"size": 9}
+    assert other_vae.encoder_identity(512) != comps({"size": 10}).encoder_identity(512)

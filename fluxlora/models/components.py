@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -57,6 +58,12 @@ class FluxComponents:
             self.transformer = self.transformer_loader(device)
             self.transformer_loader = None
         return self.transformer
+
+    def encoder_identity(self, t5_max_length: int) -> str:
+        """What the cached latents and text embeddings depend on: the VAE and text encoders, never the transformer
+        (switching transformer files must not rebuild the caches)."""
+        parts = {k: v for k, v in self.fingerprint.items() if k != "transformer"}
+        return json.dumps({"encoders": parts, "t5": int(t5_max_length)}, sort_keys=True)
 
     def pipeline_parts(self) -> dict:
         return dict(
