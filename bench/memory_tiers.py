@@ -173,6 +173,7 @@ def run_cell(spec: dict) -> dict:
     import lightning as L
     from omegaconf import open_dict
 
+    from fluxlora.cuda_setup import prepare_cuda
     from fluxlora.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
     from fluxlora.train import build_module, precision_for, settings
@@ -182,7 +183,7 @@ def run_cell(spec: dict) -> dict:
     out = {k: spec[k] for k in ("tier", "res", "lora")} | {"budget_gib": spec["budget_gib"]}
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails on Flux attention (DESIGN.md)
+        prepare_cuda(device)  # as a run does before loading: cuDNN SDPA off, expandable segments
         out["card_gib"] = round(cap_memory(device, spec["budget_gib"]), 1)
     bfl = Path(spec["bfl"])
     cfg = compose(spec["tier"], spec["lora"], spec["set"], "gpu" if device.type == "cuda" else "cpu", bfl)

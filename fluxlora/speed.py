@@ -24,23 +24,40 @@ class SpeedSettings:
 
 
 def compile_blocks(transformer: torch.nn.Module, mode: str | None = None) -> int:
-    """Compile every double and single block in place; returns how many were wrapped."""
+    """Compile every double and single block's `forward` in place; returns how many were wrapped.
+
+    Only `forward` is compiled, not the module call: the blocks' hooks (block swapping's loads and evictions,
+    checkpointing's marks) stay eager Python around the compiled graph. All blocks of a kind share one compiled
+    graph (their forward is the same code; parameters are graph inputs), so compile time does not grow with depth.
+    """
     n = 0
     for name in ("transformer_blocks", "single_transformer_blocks"):
         for block in getattr(transformer, name, []):
-            block.compile(mode=mode, dynamic=False)
+            block.forward = torch.compile(block.forward, mode=mode, dynamic=False)
             n += 1
     log.info("regional torch.compile on %d blocks (mode=%s); the first steps include compile time", n, mode)
     return n
 
 
-def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings) -> None:
+def uncompiled(module: torch.nn.Module) -> None:
+    """Drop compiled calls from `module` and its children (a deep copy would otherwise run the original's)."""
+    for m in module.modules():
+        if hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable"):
+            del m.__dict__["forward"]
+        m._compiled_call_impl = None
+
+
+def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False) -> None:
+    """Apply the settings; `swapping`: block swapping is installed (its hooks must stay outside compiled code)."""
+    if settings.compile_scope not in ("blocks", "model"):
+        raise ValueError(f"compile_scope={settings.compile_scope!r} is not one of blocks, model")
     if not settings.compile_blocks:
         return
     if settings.compile_scope == "model":
+        if swapping:
+            raise ValueError("speed.compile_scope=model cannot trace block swapping's hooks; use "
+                             "compile_scope=blocks with memory.blocks_to_swap")
         transformer.compile(mode=settings.compile_mode, dynamic=False)
         log.info("torch.compile on the whole transformer (mode=%s)", settings.compile_mode)
-    elif settings.compile_scope == "blocks":
-        compile_blocks(transformer, settings.compile_mode)
     else:
-        raise ValueError(f"compile_scope={settings.compile_scope!r} is not one of blocks, model")
+        compile_blocks(transformer, settings.compile_mode)
