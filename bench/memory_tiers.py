@@ -265,7 +265,8 @@ def verdict(r: dict) -> dict:
     if "peak_reserved_gib" in r:
         r["fits"] = r["peak_reserved_gib"] <= r["budget_gib"] - 1
     ref = SD_SCRIPTS.get((r["tier"], r["res"]))
-    if ref and r["lora"] == "fluxgym" and "s_per_step" in r:
+    fluxgym = r.get("lora_rank") == 4 and r.get("lora_blocks") == "single"  # FluxGym's 12G LoRA settings
+    if ref and fluxgym and "s_per_step" in r:
         r["sd_scripts_s_per_step"] = ref[0]
         r["speedup_vs_sd_scripts"] = round(ref[0] / r["s_per_step"], 2)
     return r

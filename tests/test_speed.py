@@ -45,9 +45,18 @@ def test_compiled_blocks_follow_the_eager_loss_curve():
     assert plain[-1] != plain[0]  # the LoRA trained: the comparison covers updated weights
 
 
-def test_unknown_compile_scope_is_rejected():
+def test_bad_settings_are_rejected_and_auto_compiles_on_cuda_only():
     with pytest.raises(ValueError, match="compile_scope"):
-        apply_speed_settings(torch.nn.Module(), SpeedSettings(compile_blocks=True, compile_scope="layers"))
+        SpeedSettings(compile_blocks=True, compile_scope="layers")
+    with pytest.raises(ValueError, match="compile_blocks"):
+        SpeedSettings(compile_blocks="yes")
+    with pytest.raises(ValueError, match="cannot both"):
+        SpeedSettings(compile_blocks=True, compile_mode="max-autotune", compile_options={"cpp_wrapper": True})
+    auto = SpeedSettings(compile_blocks="auto")
+    assert auto.compiles("cuda") and not auto.compiles("cpu") and SpeedSettings(compile_blocks=True).compiles("cpu")
+    transformer = tiny.build()["transformer"]
+    apply_speed_settings(transformer, auto, device="cpu")
+    assert not hasattr(transformer.transformer_blocks[0].forward, "_torchdynamo_orig_callable")
 
 
 def test_run_config_applies_compile_blocks(make_cfg):
