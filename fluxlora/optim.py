@@ -22,8 +22,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.opt
     kwargs = dict(cfg.get("kwargs") or {})
     lr = float(cfg.lr)
     if name == "adamw":
-        if params and all(p.is_cuda for p in params) and not {"fused", "foreach"} & set(kwargs):
-            kwargs["fused"] = True  # one kernel for all parameters instead of a few per tensor list
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=float(cfg.eps),
                                  weight_decay=float(cfg.weight_decay), **kwargs)
     if name == "adamw8bit":
