@@ -204,7 +204,10 @@ def run(cfg: DictConfig) -> float | None:
         if watchdog is not None:  # first: the other ranks read it to tell who failed first
             watchdog.stop("exception", error=f"{type(e).__name__}: {e}")
         if info.distributed and is_collective_failure(e):
-            raise _rank_failure(e, cfg, info, ctx.get("strategy")) from e
+            err = _rank_failure(e, cfg, info, ctx.get("strategy"))
+            if watchdog is not None:  # the supervisor reads it
+                watchdog.stop("exception", error=str(err))
+            raise err from e
         raise
     finally:
         if group is not None:
