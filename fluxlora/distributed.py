@@ -113,7 +113,10 @@ def rank_info(cfg: Any, device: torch.device) -> RankInfo:
     for name, env_type in (("torchelastic", TorchElasticEnvironment), ("slurm", SLURMEnvironment),
                            ("lsf", LSFEnvironment), ("mpi", MPIEnvironment)):
         if env_type.detect():
-            env = env_type()
+            try:
+                env = env_type()
+            except RuntimeError as e:  # Lightning's own check of the job's settings, e.g. SLURM --ntasks
+                raise FluxLoraError(f"{name} environment: {e}") from None
             if env.world_size() != devices * nodes:
                 raise FluxLoraError(f"the {name} environment has {env.world_size()} processes, but trainer.devices="
                                     f"{devices} x trainer.num_nodes={nodes} asks for {devices * nodes}")

@@ -132,7 +132,7 @@ class LoraFingerprint(L.Callback):
 
 
 class SlowSampling(L.Callback):
-    """Make every sampling round of the run's TimedSampler take at least `seconds` more (on the rank that samples)."""
+    """Make the run's first sampled image take `seconds` longer (on the rank that samples): a slow sampling round."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -146,6 +146,7 @@ class SlowSampling(L.Callback):
                 render, seconds = renderer.render, self.seconds
 
                 def slow(*args, **kwargs):
+                    renderer.render = render  # once
                     time.sleep(seconds)
                     return render(*args, **kwargs)
 

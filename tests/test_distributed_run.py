@@ -18,7 +18,7 @@ from faults import fluxlora_cmd, read_batches, run_cli, subprocess_env
 from fluxlora.rank_health import pid_alive
 from fluxlora.resume import load_checked
 
-TIMEOUT_S = 8  # distributed.timeout_s in these runs
+TIMEOUT_S = 6  # distributed.timeout_s in these runs
 DDP = ("trainer.devices=2", f"distributed.timeout_s={TIMEOUT_S}")
 
 
