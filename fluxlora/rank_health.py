@@ -87,6 +87,7 @@ def peer_state(base: Path, rank: int, now: Optional[float] = None) -> PeerState:
              f"at step {beat.get('step')}")
     who = f"pid {beat.get('pid')}" + (f" on host {beat['host']}" if beat.get("host") else "")
     state, error = str(beat.get("state", "running")), str(beat.get("error") or "")
+    error = error if len(error) <= 300 else error[:300] + " ..."
     alive = pid_alive(beat.get("pid"), beat.get("host"))
     if state == "stalled":
         return PeerState(rank, "stalled", f"rank {rank} stalled: its watchdog fired ({who}: {where})")
@@ -131,7 +132,8 @@ def diagnose(base: str | Path, rank: int, world_size: int,
             return tuple(s.rank for s in named), "; ".join(s.text for s in named), kind
     if not states:
         return (), "no other rank", "unknown"
-    return (), "every other rank failed in a collective too (" + "; ".join(s.text for s in states) + ")", "unknown"
+    # every other rank gave up in a collective too: from their side, this rank is the one that did not arrive
+    return (), "the other ranks gave up waiting for this one (" + "; ".join(s.text for s in states) + ")", "unknown"
 
 
 def peers_summary(base: str | Path, rank: int, world_size: int) -> str:

@@ -143,12 +143,11 @@ class SlowSampling(L.Callback):
         for cb in trainer.callbacks:
             renderer = getattr(cb, "_renderer", None) if isinstance(cb, TimedSampler) else None
             if renderer is not None:
-                render, seconds = renderer.render, self.seconds
 
-                def slow(*args, **kwargs):
-                    renderer.render = render  # once
-                    time.sleep(seconds)
-                    return render(*args, **kwargs)
+                def slow(*args, _renderer=renderer, _render=renderer.render, **kwargs):
+                    _renderer.render = _render  # once
+                    time.sleep(self.seconds)
+                    return _render(*args, **kwargs)
 
                 renderer.render = slow
 
