@@ -103,7 +103,7 @@ class FluxLoRAModule(L.LightningModule):
             optimizer_closure()
         flag, files = self._nonfinite, self._pending_files
         self._nonfinite, self._pending_files = None, []
-        if flag is not None and self._trainer is not None and self.trainer.world_size > 1:
+        if flag is not None and getattr(self._trainer, "world_size", 1) > 1:
             # the gradients were averaged over the ranks: every rank skips (or stops) together
             local = bool(flag)
             flag = agree_max(self.trainer, [float(local)])[0] > 0

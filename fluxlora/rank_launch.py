@@ -48,7 +48,11 @@ def child_command(local_rank: int, name: str) -> tuple[list[str], str]:
     hc = HydraConfig.get()
     task = [o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") != "name"]
     kept = [o for o in hc.overrides.hydra if o.startswith(_KEEP_HYDRA)]
-    cmd = [sys.executable, "-m", "fluxlora", *task, *kept, f"name={name}",
+    config = [f"--config-dir={src.path.split('://', 1)[-1]}" for src in hc.runtime.config_sources
+              if src.provider == "command-line"]  # `--config-dir`/`--config-name` are not overrides
+    if hc.job.config_name and hc.job.config_name != "config":
+        config.append(f"--config-name={hc.job.config_name}")
+    cmd = [sys.executable, "-m", "fluxlora", *config, *task, *kept, f"name={name}",
            f'hydra.run.dir="{hc.runtime.output_dir}"', "hydra.output_subdir=null",
            f"hydra.job.name={hc.job.name}_rank{local_rank}"]
     return cmd, hc.runtime.cwd

@@ -134,13 +134,16 @@ def test_child_command_reruns_one_sweep_job_not_the_sweep(tmp_path):
         cfg.hydra.runtime.output_dir = str(tmp_path / "sweep" / "1")
         cfg.hydra.runtime.cwd = str(tmp_path)
         cfg.hydra.overrides.hydra = ["hydra.verbose=true", "hydra/launcher=basic", "hydra.sweep.dir=x"]
+        cfg.hydra.runtime.config_sources = [
+            {"path": "fluxlora.conf", "schema": "pkg", "provider": "main"},
+            {"path": str(tmp_path / "myconf"), "schema": "file", "provider": "command-line"}]
     HydraConfig.instance().set_config(cfg)
     try:
         cmd, cwd = child_command(1, "mine_1")
     finally:
         HydraConfig.instance().cfg = None
     assert cmd[:3] == [sys.executable, "-m", "fluxlora"] and cwd == str(tmp_path)
-    assert cmd[3:] == ["optim.lr=1e-4", "trainer.devices=2", "hydra.verbose=true", "name=mine_1",
+    assert cmd[3:] == [f"--config-dir={tmp_path / 'myconf'}", "optim.lr=1e-4", "trainer.devices=2", "hydra.verbose=true", "name=mine_1",
                        f'hydra.run.dir="{tmp_path / "sweep" / "1"}"', "hydra.output_subdir=null",
                        "hydra.job.name=fluxlora_rank1"]
     assert "-m" not in cmd[3:] and "--multirun" not in cmd
