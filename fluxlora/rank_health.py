@@ -75,6 +75,8 @@ class PeerState:
     """missing (no file) | dead | failed (its own error) | survivor (a collective failed there too) | stalled
     (its watchdog fired) | finished | running."""
     text: str
+    where: str = ""
+    """Its pid, host and last heartbeat."""
 
 
 def peer_state(base: Path, rank: int, now: Optional[float] = None) -> PeerState:
@@ -102,7 +104,7 @@ def peer_state(base: Path, rank: int, now: Optional[float] = None) -> PeerState:
                          else f"rank {rank} has ended ({state}; {where})")
     if state != "running":
         return PeerState(rank, "finished", f"rank {rank} has ended ({state}; {who}: {where})")
-    return PeerState(rank, "running", f"rank {rank} did not arrive ({who}: {where})")
+    return PeerState(rank, "running", f"rank {rank} did not arrive ({who}: {where})", f"{who}: {where}")
 
 
 _CULPRITS = ("dead", "failed", "stalled", "missing", "running")
@@ -139,4 +141,5 @@ def diagnose(base: str | Path, rank: int, world_size: int,
 def peers_summary(base: str | Path, rank: int, world_size: int) -> str:
     """The other ranks' last heartbeats, for a watchdog message."""
     now = time.time()
-    return "; ".join(peer_state(Path(base), r, now).text for r in range(world_size) if r != rank)
+    states = [peer_state(Path(base), r, now) for r in range(world_size) if r != rank]
+    return "; ".join(f"rank {s.rank} is running ({s.where})" if s.verdict == "running" else s.text for s in states)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
+from hydra.conf import ConfigSourceInfo
 from omegaconf import OmegaConf, open_dict
 
 from fluxlora.distributed import BoundedDDPStrategy, DistributedSettings, build_strategy, is_collective_failure, \
@@ -135,8 +136,8 @@ def test_child_command_reruns_one_sweep_job_not_the_sweep(tmp_path):
         cfg.hydra.runtime.cwd = str(tmp_path)
         cfg.hydra.overrides.hydra = ["hydra.verbose=true", "hydra/launcher=basic", "hydra.sweep.dir=x"]
         cfg.hydra.runtime.config_sources = [
-            {"path": "fluxlora.conf", "schema": "pkg", "provider": "main"},
-            {"path": str(tmp_path / "myconf"), "schema": "file", "provider": "command-line"}]
+            ConfigSourceInfo(path="fluxlora.conf", schema="pkg", provider="main"),
+            ConfigSourceInfo(path=str(tmp_path / "myconf"), schema="file", provider="command-line")]
     HydraConfig.instance().set_config(cfg)
     try:
         cmd, cwd = child_command(1, "mine_1")
@@ -168,3 +169,31 @@ def test_slurm_launcher_config_asks_for_one_task_per_gpu():
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 8, 8)
+
+
+def test_a_firing_watchdog_names_the_other_ranks_and_ends_the_ranks_it_started(tmp_path, monkeypatch):
+    import threading
+
+    import fluxlora.heartbeat as wd
+    from fluxlora.callbacks import StepHeartbeatWatchdog
+
+    fired = threading.Event()
+    monkeypatch.setattr(wd, "_exit", lambda code: fired.set())
+    base = tmp_path / "heartbeat.json"
+    _write_beat(base, 0, os.getpid(), stage="between_steps", step=4, age=2.0)
+    w = StepHeartbeatWatchdog(setup_timeout_s=0.3, poll_s=0.05, gil_backstop_s=None, rank=1,
+                              monitor_log=str(tmp_path / "monitor.rank1.log"),
+                              heartbeat_file=str(heartbeat_path(base, 1)))
+    w.peer_report = lambda: peers_summary(base, 1, 2)
+    ended = []
+    w.before_exit.append(lambda: ended.append(True))
+    w.start("training_step")
+    try:
+        assert fired.wait(3)
+    finally:
+        w._killer.cancel()
+        w.stop()
+    log = (tmp_path / "monitor.rank1.log").read_text()
+    assert "in stage 'training_step'" in log and "; other ranks: rank 0 is running (pid" in log
+    assert "in stage 'between_steps' at step 4" in log and ended == [True]
+    assert json.loads(heartbeat_path(base, 1).read_text())["rank"] == 1
