@@ -118,14 +118,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_timer(device: torch.device, warm: int, t_start: float):
-    """A callback that records time to the end of the first step and the timed window after `warm` steps."""
+def step_timer(device: torch.device, warm: int, t_start: float, profile_at: int = -1):
+    """A callback that records time to the end of the first step and the timed window after `warm` steps; from
+    step `profile_at` on, a torch.profiler (or, with PYPROFILE=1, cProfile) records until the end."""
     import lightning as L
 
     class Timer(L.Callback):
         first = t0 = t1 = 0.0
+        prof = None
 
         def on_train_batch_start(self, trainer, *a):
+            if trainer.global_step == profile_at and self.prof is None:
+                if os.environ.get("PYPROFILE"):
+                    import cProfile
+
+                    self.prof = cProfile.Profile()
+                    self.prof.enable()
+                else:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.prof.__enter__()
             if trainer.global_step == warm:
                 _sync(device)
                 self.t0 = time.perf_counter()
@@ -138,8 +151,29 @@ def step_timer(device: torch.device, warm: int, t_start: float):
         def on_train_end(self, trainer, *a):
             _sync(device)
             self.t1 = time.perf_counter()
+            if self.prof is not None:
+                self.prof.disable() if os.environ.get("PYPROFILE") else self.prof.__exit__(None, None, None)
 
     return Timer()
+
+
+def write_profile(prof, steps: int, path: Path) -> dict:
+    """The profile's tables into `path`; returns host and device seconds per step."""
+    if os.environ.get("PYPROFILE"):
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+        path.write_text(buf.getvalue())
+        return {}
+    ka = prof.key_averages()
+    gpu = [e for e in ka if e.device_type.name == "CUDA"]
+    kernels = sum(e.self_device_time_total for e in gpu if "Memcpy" not in e.key) / steps / 1e6
+    copies = sum(e.self_device_time_total for e in gpu if "Memcpy" in e.key) / steps / 1e6
+    path.write_text(ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=80) + "\n" +
+                    ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80))
+    return {"prof_kernel_s_per_step": round(kernels, 4), "prof_copy_s_per_step": round(copies, 4)}
 
 
 def cap_memory(device: torch.device, budget_gib: float) -> float:
@@ -173,6 +207,7 @@ def run_cell(spec: dict) -> dict:
     import lightning as L
     from omegaconf import open_dict
 
+    from fluxlora.cuda_setup import prepare_cuda
     from fluxlora.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
     from fluxlora.train import build_module, precision_for, settings
@@ -182,7 +217,7 @@ def run_cell(spec: dict) -> dict:
     out = {k: spec[k] for k in ("tier", "res", "lora")} | {"budget_gib": spec["budget_gib"]}
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN SDPA backward fails on Flux attention (DESIGN.md)
+        prepare_cuda(device)  # as a run does before loading: cuDNN SDPA off, expandable segments
         out["card_gib"] = round(cap_memory(device, spec["budget_gib"]), 1)
     bfl = Path(spec["bfl"])
     cfg = compose(spec["tier"], spec["lora"], spec["set"], "gpu" if device.type == "cuda" else "cpu", bfl)
@@ -204,7 +239,8 @@ def run_cell(spec: dict) -> dict:
         module, swapper = build_module(cfg, transformer, device, compute_dtype, steps)
         dl = torch.utils.data.DataLoader(Batches(dict(transformer.config), spec["res"], int(cfg.model.t5_max_length)),
                                          batch_size=1, shuffle=True, num_workers=0, pin_memory=device.type == "cuda")
-        timer = step_timer(device, spec["warm"], t_start)
+        profile_at = steps - 2 if spec.get("profile") else -1
+        timer = step_timer(device, spec["warm"], t_start, profile_at)
         trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
                             max_steps=steps, gradient_clip_val=cfg.trainer.gradient_clip_val or None, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -214,6 +250,9 @@ def run_cell(spec: dict) -> dict:
     except torch.OutOfMemoryError:
         return out | _memory(device) | {"error": f"OOM during {stage}"}
     out.update(s_per_step=round((timer.t1 - timer.t0) / spec["steps"], 4), first_step_s=round(timer.first, 2))
+    if timer.prof is not None:
+        where = Path(os.environ.get("OUT") or tempfile.gettempdir(), f"profile_{spec['tier']}_{spec['res']}.txt")
+        out.update(write_profile(timer.prof, 2, where), profile=str(where))
     out["swap_active"] = swapper is not None  # block swapping runs on CUDA only
     if swapper is not None:
         out.update(swap_gb_per_step=round(swapper.stats["bytes"] / steps / 1e9, 2),
@@ -226,7 +265,8 @@ def verdict(r: dict) -> dict:
     if "peak_reserved_gib" in r:
         r["fits"] = r["peak_reserved_gib"] <= r["budget_gib"] - 1
     ref = SD_SCRIPTS.get((r["tier"], r["res"]))
-    if ref and r["lora"] == "fluxgym" and "s_per_step" in r:
+    fluxgym = r.get("lora_rank") == 4 and r.get("lora_blocks") == "single"  # FluxGym's 12G LoRA settings
+    if ref and fluxgym and "s_per_step" in r:
         r["sd_scripts_s_per_step"] = ref[0]
         r["speedup_vs_sd_scripts"] = round(ref[0] / r["s_per_step"], 2)
     return r
@@ -274,6 +314,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bfl-dir", default=os.path.join(tempfile.gettempdir(), "fluxlora-bench"))
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every cell, e.g. "
                                                          "memory.swap_prefetch=2")
+    ap.add_argument("--profile", action="store_true", help="profile the last two steps of each cell into "
+                    "$OUT/profile_<tier>_<res>.txt (PYPROFILE=1: cProfile instead of torch.profiler)")
     ap.add_argument("--in-process", action="store_true", help="run cells in this process (no isolation)")
     ap.add_argument("--cell-timeout", type=float, default=480.0, help="seconds one isolated cell may take")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
@@ -293,7 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for res in args.res:
             for lora in args.lora:
                 spec = dict(tier=tier, res=res, lora=lora, budget_gib=int(tier[:-2]), device=args.device,
-                            bfl=str(bfl), steps=args.steps, warm=args.warm, set=list(args.set))
+                            bfl=str(bfl), steps=args.steps, warm=args.warm, set=list(args.set), profile=args.profile)
                 r = verdict(run_cell(spec) if args.in_process else run_isolated(spec, args.cell_timeout))
                 print(json.dumps(r), flush=True)
                 results.append(r)

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from fluxlora.atomic import atomic_open
 from fluxlora.distributed import wait_for_rank_zero
+from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
 
@@ -61,18 +62,29 @@ def choose_mode(device: torch.device, model_bytes: int, free_bytes: Optional[int
 def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
     """An inference copy of the (LoRA-adapted) transformer, in `compute_dtype`, without diffusers' memory hooks.
 
-    A deep copy keeps the hooks' closures pointing at the *original* modules (fp8 layerwise casting would then run
-    the original's weights), so the copy's hooks are removed and fp8-stored weights are upcast instead.
+    A deep copy keeps diffusers hooks' closures and compiled forwards pointing at the *original* modules, so the
+    copy's are removed (it runs eagerly).
+    fp8 weights of `Fp8Linear`s stay fp8 (they upcast per matmul); any other fp8 tensor is upcast.
     """
+    from fluxlora.fp8 import Fp8Linear
+    from fluxlora.speed import uncompiled
+
+    if getattr(transformer, "_fluxlora_block_swap", None) is not None:
+        raise ValueError("a transformer with block swapping has no full copy of its weights on the device; "
+                         "sample in between_steps mode")
     clone = copy.deepcopy(transformer)
+    uncompiled(clone)  # compiled forwards stay bound to the original's blocks
     for module in clone.modules():
         if "_diffusers_hook" in module.__dict__:  # a hooked module: its forward is an instance attribute
             module.__dict__.pop("forward", None)
             del module.__dict__["_diffusers_hook"]
     with torch.no_grad():
-        for p in clone.parameters():
-            if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                p.data = p.data.to(compute_dtype)
+        for module in clone.modules():
+            if isinstance(module, Fp8Linear):
+                continue
+            for p in module.parameters(recurse=False):
+                if p.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    p.data = p.data.to(compute_dtype)
     return clone.eval().requires_grad_(False)
 
 
@@ -213,8 +225,16 @@ class TimedSampler(L.Callback):
 
     def _resolve_mode(self, pl_module: L.LightningModule) -> None:
         device = pl_module.device
+        swapping = getattr(pl_module.transformer, "_fluxlora_block_swap", None) is not None
+        if self._mode == "thread" and swapping:
+            raise FluxLoraError("callbacks.sampler.mode=thread needs a full copy of the transformer, which block "
+                             "swapping (memory.blocks_to_swap) keeps off the GPU; use mode=auto or between_steps")
         if self._mode != "auto":
             self.mode = self._mode
+            return
+        if swapping:
+            self.mode = "between_steps"
+            log.info("sampling mode between_steps: block swapping keeps part of the transformer in host memory")
             return
         vae = self._renderer.c.vae
         size = torch.empty((), dtype=pl_module.compute_dtype).element_size()

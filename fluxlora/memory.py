@@ -21,7 +21,7 @@ class MemorySettings:
     """How the frozen transformer is kept in memory."""
 
     base_storage: str = "none"
-    """`fp8`: frozen weights in float8_e4m3fn, upcast per layer for compute (diffusers layerwise casting).
+    """`fp8`: the blocks' frozen Linear weights in float8_e4m3fn, upcast per matmul (`fluxlora.fp8`).
     `nf4`: the blocks' Linears in 4-bit NormalFloat (bitsandbytes `Linear4bit`), dequantized per matmul."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward instead of storing them."""
@@ -65,9 +65,9 @@ def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings
     `device`: where NF4 weights are quantized to (default: where the weights are).
     """
     if settings.base_storage == "fp8":
-        # LoRA layers added later stay in their own dtype: only the frozen Linears/Convs get the casting hooks
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-        log.info("base transformer stored in float8_e4m3fn, computed in %s", compute_dtype)
+        from fluxlora.fp8 import store_fp8
+
+        store_fp8(transformer, compute_dtype)  # LoRA layers added later keep their own dtype
     elif settings.base_storage == "nf4":
         from fluxlora.quantize import quantize_blocks_nf4
 
@@ -79,9 +79,19 @@ def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings
         log.info("gradient checkpointing on %d blocks (every %d)", len(chosen), settings.checkpoint_every)
 
 
+def _frozen_bytes(block: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in block.parameters() if not p.requires_grad)
+
+
 def swap_positions(transformer: torch.nn.Module, blocks_to_swap: int) -> list[int]:
-    """Positions (forward order) of the blocks `blocks_to_swap` swaps: sd-scripts' double/single split, each kind
-    spread evenly over its list so every copy hides behind the compute of resident blocks."""
+    """Positions (forward order) of the blocks `blocks_to_swap` swaps (call after LoRA layers are added).
+
+    With LoRA on every block: sd-scripts' double/single split, each kind spread evenly over its list so every copy
+    hides behind the compute of resident blocks. When some blocks carry no LoRA (`lora.train_blocks=single`),
+    backward never visits them, so swapping one costs one copy per step instead of two: as many bytes as
+    sd-scripts' split would free are taken from those blocks first (spread evenly), then from the trained ones.
+    """
+    from fluxlora.checkpointing import transformer_blocks
     from fluxlora.swap_schedule import sd_scripts_split, spread
 
     n_double = len(getattr(transformer, "transformer_blocks", []))
@@ -92,7 +102,22 @@ def swap_positions(transformer: torch.nn.Module, blocks_to_swap: int) -> list[in
                    if sd_scripts_split(n)[0] <= n_double and sd_scripts_split(n)[1] <= n_single)
         raise FluxLoraError(f"memory.blocks_to_swap={blocks_to_swap} asks for {double} double and {single} single "
                             f"blocks; this model has {n_double} and {n_single} (at most blocks_to_swap={most})")
-    return spread(double, n_double) + [n_double + i for i in spread(single, n_single)]
+    split = spread(double, n_double) + [n_double + i for i in spread(single, n_single)]
+    blocks = [b for _, b in transformer_blocks(transformer)]
+    untrained = [i for i, b in enumerate(blocks) if not any(p.requires_grad for p in b.parameters())]
+    if not untrained:
+        return split
+    target = sum(_frozen_bytes(blocks[i]) for i in split)
+    chosen: list[int] = []
+    for group in (untrained, [i for i in range(len(blocks)) if i not in set(untrained)]):
+        for count in range(1, len(group) + 1):
+            pick = [group[i] for i in spread(count, len(group))]
+            if sum(_frozen_bytes(blocks[i]) for i in chosen + pick) >= target or count == len(group):
+                break
+        chosen += pick
+        if sum(_frozen_bytes(blocks[i]) for i in chosen) >= target:
+            break
+    return sorted(chosen)
 
 
 def enable_block_swap(transformer: torch.nn.Module, settings: MemorySettings, device: torch.device,
@@ -112,18 +137,3 @@ def enable_block_swap(transformer: torch.nn.Module, settings: MemorySettings, de
 
     return BlockSwapper(transformer, swap_positions(transformer, settings.blocks_to_swap), CudaTransfers(device),
                         prefetch=settings.swap_prefetch, timeout_s=settings.swap_timeout_s, heartbeat=heartbeat)
-
-
-def fp8_stored_parameters(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> set[str]:
-    """Names of the parameters `apply_memory_settings(base_storage=fp8)` keeps in float8_e4m3fn.
-
-    Asked of diffusers itself, on a copy of a meta-device model (no memory): loaders use it to read those
-    tensors straight into fp8, so a bf16 file never sits in RAM at full size and an fp8 file is never upcast.
-    """
-    import copy
-
-    if any(not p.is_meta for p in transformer.parameters()):
-        raise ValueError("fp8_stored_parameters needs a model built on the meta device")
-    probe = copy.deepcopy(transformer)
-    probe.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    return {n for n, p in probe.named_parameters() if p.dtype == torch.float8_e4m3fn}

@@ -22,6 +22,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.opt
     kwargs = dict(cfg.get("kwargs") or {})
     lr = float(cfg.lr)
     if name == "adamw":
+        if params and all(p.is_cuda for p in params) and not {"fused", "foreach"} & set(kwargs):
+            kwargs["fused"] = True  # one kernel for all parameters instead of a few per tensor list
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=float(cfg.eps),
                                  weight_decay=float(cfg.weight_decay), **kwargs)
     if name == "adamw8bit":
@@ -29,11 +31,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.opt
 
         return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(cfg.betas), eps=float(cfg.eps),
                                    weight_decay=float(cfg.weight_decay), **kwargs)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
+    if name == "adafactor":  # transformers' Adafactor with FluxGym's fixed-lr settings, stepped per shape
+        from fluxlora.adafactor import BatchedAdafactor
 
-        kwargs = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **kwargs}
-        return Adafactor(params, lr=lr, weight_decay=float(cfg.weight_decay), **kwargs)
+        return BatchedAdafactor(params, lr=lr, weight_decay=float(cfg.weight_decay), **kwargs)
     raise ValueError(f"optim.name={cfg.name!r} is not one of {OPTIMIZERS}")
 
 

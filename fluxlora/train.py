@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fluxlora.callbacks import StepHeartbeatWatchdog, heartbeat
+from fluxlora.cuda_setup import prepare_cuda
 from fluxlora.data import FluxDataModule
 from fluxlora.distributed import (DistributedSettings, RankInfo, build_strategy, is_collective_failure,
                                   rank_info)
@@ -134,6 +135,7 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
         (FluxLoRAModule, BlockSwapper or None).
     """
     memory = settings(MemorySettings, cfg.memory)
+    prepare_cuda(device)
     apply_memory_settings(transformer, memory, compute_dtype, device)
     module = FluxLoRAModule(transformer, settings(LoraSettings, cfg.lora), settings(FlowConfig, cfg.flow), cfg.optim,
                             total_steps=steps, compute_dtype=compute_dtype, nonfinite=str(cfg.train.nonfinite),
@@ -141,9 +143,10 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     # installed before Lightning moves the module: the swapped weights stay on the host
     swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
     speed = settings(SpeedSettings, cfg.speed) if cfg.get("speed") is not None else SpeedSettings()
-    if speed.compile_blocks and swapper is not None:
-        raise FluxLoraError("speed.compile_blocks with memory.blocks_to_swap > 0 is not supported yet; use one of them")
-    apply_speed_settings(transformer, speed)
+    try:
+        apply_speed_settings(transformer, speed, swapping=swapper is not None, device=device)
+    except ValueError as e:
+        raise FluxLoraError(str(e)) from e
     return module, swapper
 
 
@@ -293,6 +296,7 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     flow = settings(FlowConfig, cfg.flow)
     memory = settings(MemorySettings, cfg.memory)
     device = device_for(cfg)
+    prepare_cuda(device)  # before the first allocation
     precision, compute_dtype = precision_for(cfg, device)
 
     log.info("loading model (%s)", cfg.model.source)

@@ -266,6 +266,36 @@ def test_positions_on_a_flux_dev_shaped_model_follow_sd_scripts_counts():
         swap_positions(dev, 39)
 
 
+def test_positions_take_blocks_backward_never_visits_first():
+    """LoRA on single blocks only: the doubles need no backward, so swapping one costs one copy per step, not two.
+    As many bytes as sd-scripts' split frees come from them first, spread evenly; then from the trained singles."""
+    from diffusers import FluxTransformer2DModel
+
+    from fluxlora.checkpointing import transformer_blocks
+
+    with torch.device("meta"):
+        dev = FluxTransformer2DModel(guidance_embeds=True)
+    blocks = [b for _, b in transformer_blocks(dev)]
+    dev.requires_grad_(False)
+    for b in dev.single_transformer_blocks:
+        b.proj_out.bias.requires_grad_(True)  # stands in for a LoRA layer
+
+    def nbytes(positions):
+        return sum(p.numel() * p.element_size() for i in positions for p in blocks[i].parameters()
+                   if not p.requires_grad)
+
+    for n in (8, 18, 20, 34):
+        pos = swap_positions(dev, n)
+        d, s = sd_scripts_split(n)
+        assert nbytes(pos) >= nbytes(spread(d, 19) + [19 + i for i in spread(s, 38)])
+        doubles = [p for p in pos if p < 19]
+        assert len(doubles) == min(19, len(pos))  # doubles first
+        if len(doubles) < 19:
+            assert max(b - a for a, b in zip(doubles, doubles[1:])) <= 3  # spread
+            assert nbytes(doubles[:-1]) < nbytes(spread(d, 19) + [19 + i for i in spread(s, 38)])  # no more than needed
+    assert len(swap_positions(dev, 34)) > 19  # past the doubles: trained singles too
+
+
 def test_block_swap_is_off_on_the_cpu():
     module = module_for(MemorySettings())
     assert enable_block_swap(module.transformer, MemorySettings(blocks_to_swap=2), torch.device("cpu")) is None

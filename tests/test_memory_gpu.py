@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fluxlora.cuda_setup import prepare_cuda
 from fluxlora.errors import StageTimeoutError
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings, lora_parameters
@@ -29,6 +30,7 @@ def _train(memory: MemorySettings, steps: int = 4, backend=None) -> tuple[dict, 
     from diffusers import FluxTransformer2DModel
 
     device = torch.device("cuda", torch.cuda.current_device())
+    prepare_cuda(device)
     torch.manual_seed(0)
     model = FluxTransformer2DModel(**CONFIG).to(torch.bfloat16).eval()  # on the host, as a swap run reads it
     apply_memory_settings(model, memory, torch.bfloat16, device)

@@ -107,3 +107,29 @@ def test_a_run_with_nf4_and_every_other_block_checkpointed_trains(make_cfg):
     cfg = make_cfg("trainer.max_steps=2", "~callbacks.sampler", "memory.base_storage=nf4",
                    "memory.gradient_checkpointing=true", "memory.checkpoint_every=2", "memory.blocks_to_swap=0")
     assert run(cfg) is not None
+
+
+def test_fp8_covers_every_block_linear_and_autograd_keeps_only_the_fp8_weight():
+    """All block Linears (the AdaLN modulation ones too) hold fp8 weights; backward recasts from them, so no bf16
+    copy of a weight is saved for backward, and the input gradient matches an explicit upcast's."""
+    from fluxlora.fp8 import FP8, Fp8Linear
+
+    model = small_flux(0, torch.bfloat16)
+    apply_memory_settings(model, MemorySettings(base_storage="fp8"), torch.bfloat16)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    in_blocks = {n for n in linears if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert {n for n, m in linears.items() if isinstance(m, Fp8Linear)} == in_blocks
+    assert "transformer_blocks.0.norm1.linear" in in_blocks and linears["x_embedder"].weight.dtype == torch.bfloat16
+    layer = linears["single_transformer_blocks.0.proj_mlp"]
+    assert layer.weight.dtype == FP8 and layer.bias.dtype == torch.bfloat16
+
+    saved = []
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert [t.dtype for t in saved] == [FP8] and saved[0] is layer.weight
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, layer.weight.to(torch.bfloat16), layer.bias).sum().backward()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x2, layer.weight.to(torch.bfloat16), layer.bias))
+    torch.testing.assert_close(x.grad, x2.grad)

@@ -30,9 +30,11 @@ def test_cpu_smoke_run_applies_the_tier(tmp_path):
 
 def test_verdict_and_table():
     bench = _bench()
-    r = bench.verdict({"tier": "12gb", "res": 512, "lora": "fluxgym", "budget_gib": 12, "peak_reserved_gib": 10.5,
-                       "s_per_step": 0.3895})
-    assert r["fits"] and r["speedup_vs_sd_scripts"] == 2.0
+    r = bench.verdict({"tier": "12gb", "res": 512, "lora": "tier", "budget_gib": 12, "peak_reserved_gib": 10.5,
+                       "s_per_step": 0.3895, "lora_rank": 4, "lora_blocks": "single"})
+    assert r["fits"] and r["speedup_vs_sd_scripts"] == 2.0  # FluxGym's LoRA settings: compared with sd-scripts
+    assert "speedup_vs_sd_scripts" not in bench.verdict({"tier": "12gb", "res": 512, "lora": "r16all", "budget_gib": 12,
+                                                         "s_per_step": 0.3, "lora_rank": 16, "lora_blocks": "all"})
     assert not bench.verdict({"tier": "8gb", "res": 512, "lora": "tier", "budget_gib": 8,
                               "peak_reserved_gib": 7.2})["fits"]
-    assert "| 12gb | 512 | fluxgym |" in bench.table([r])
+    assert "| 12gb | 512 | tier |" in bench.table([r])

@@ -90,10 +90,11 @@ def test_fp8_storage_reads_linears_as_fp8_and_the_rest_in_compute_dtype(tmp_path
     assert got_dtypes == {n: p.dtype for n, p in want.named_parameters()}
     assert {"transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_mlp.weight"} <= {
         n for n, d in got_dtypes.items() if d == FP8}
-    assert got_dtypes["transformer_blocks.0.norm1.linear.weight"] == torch.float32  # skipped by layerwise casting
-    assert got_dtypes["x_embedder.weight"] == FP8
+    assert got_dtypes["transformer_blocks.0.norm1.linear.weight"] == FP8  # AdaLN modulation: fp8 too
+    assert got_dtypes["transformer_blocks.0.attn.to_q.bias"] == torch.float32  # biases stay in compute dtype
+    assert got_dtypes["x_embedder.weight"] == torch.float32  # outside the blocks: kept
     assert got_dtypes["transformer_blocks.0.attn.norm_q.weight"] == torch.float32
-    apply_memory_settings(loaded, MemorySettings(base_storage="fp8"), torch.float32)  # a no-op cast, adds hooks
+    apply_memory_settings(loaded, MemorySettings(base_storage="fp8"), torch.float32)  # no cast, swaps the class
     torch.testing.assert_close(transformer_out(loaded), transformer_out(want), rtol=0, atol=1e-6)
 
 
