@@ -204,7 +204,7 @@ class BlockSwapper:
     def _backward_done(self) -> None:
         with self._lock:
             self._end_queued = False
-            self._run(self.schedule.backward_done(), "backward")
+            self._run(self.schedule.backward_done(), "end")
 
     # ---- actions -----------------------------------------------------------------------------------------------
     def _run(self, plan: Plan, phase: str) -> None:

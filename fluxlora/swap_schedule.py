@@ -63,6 +63,7 @@ class SwapSchedule:
         self._last_forward = -1
         self._grad_order: list[int] = []  # swapped blocks whose outputs need backward, in forward order
         self._keep: set[int] = set()  # kept across the forward→backward turn
+        self._warm: set[int] = set()  # loaded when backward ended, for the next step's forward
 
     def _plan(self, need: int | None, window: list[int], passed) -> Plan:
         """Load the window; evict resident blocks outside it that this pass has `passed` (blocks still ahead stay:
@@ -78,12 +79,13 @@ class SwapSchedule:
 
     def _enter_forward(self, pos: int) -> Plan:
         fresh = self.phase != "forward" or pos <= self._last_forward  # a new step (or a no-grad forward) begins
+        warm = self._warm if fresh else set()
         if fresh:
-            self.phase, self._grad_order, self._keep = "forward", [], set()
+            self.phase, self._grad_order, self._keep, self._warm = "forward", [], set(), set()
         self._last_forward = pos
         here = pos in self._is_swapped
         ahead = [p for p in self.swapped if p > pos][: self.prefetch]
-        passed = (lambda p: True) if fresh else (lambda p: p < pos and p not in self._keep)
+        passed = (lambda p: p not in warm) if fresh else (lambda p: p < pos and p not in self._keep)
         return self._plan(pos if here else None, ([pos] if here else []) + ahead, passed)
 
     def _enter_backward(self, pos: int) -> Plan:
@@ -116,8 +118,12 @@ class SwapSchedule:
         return Plan(evict=[pos])
 
     def backward_done(self) -> Plan:
-        """Backward finished: every swapped block leaves the device."""
+        """Backward finished: every swapped block leaves the device, and the first `prefetch + 1` swapped blocks
+        start loading for the next step (the copy engine is idle until then, and the activations are freed, so the
+        next forward's first copies cost no peak memory and no waiting)."""
         self.phase, self._grad_order, self._keep, self._last_forward = "idle", [], set(), -1
-        evict = sorted(self.resident)
-        self.resident = set()
-        return Plan(evict=evict)
+        head = self.swapped[: self.prefetch + 1] if self.prefetch else []
+        evict = sorted(p for p in self.resident if p not in head)
+        load = [p for p in head if p not in self.resident]
+        self.resident, self._warm = set(head), set(head)
+        return Plan(load=load, evict=evict)
