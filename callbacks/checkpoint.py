@@ -14,8 +14,9 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
-from fluxlora.heartbeat import heartbeat
+from fluxlora.distributed import agree_max
 from fluxlora.errors import RunInterrupted
+from fluxlora.heartbeat import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class PeriodicCheckpoint(Checkpoint):
     checkpoint of the step that was running has been saved: the signal is noted, the step finishes, the checkpoint
     is written at that step boundary and :class:`~fluxlora.errors.RunInterrupted` ends the run (exit status 143 for
     SIGTERM, 130 for SIGINT); a second SIGINT stops at once. Saves happen only where an optimizer step has just
-    finished, never inside a gradient-accumulation window, and the time-based decision is made on rank 0. The last
+    finished, never inside a gradient-accumulation window; the ranks of a DDP run agree in one all-reduce per step (a
+    signal on any rank stops them all, rank 0's clock decides a time-based save) and save the same step. The last
     save of a completed run is marked finished, which is how ``resume=auto`` knows there is nothing left to do.
     Checkpoints hold what the LightningModule's ``state_dict`` returns (in fluxlora: the LoRA weights only),
     optimizer, schedulers, loop position, DataModule and callback states.
@@ -147,11 +149,13 @@ class PeriodicCheckpoint(Checkpoint):
         if step == self._boundary_step:  # no optimizer step finished (accumulation, skipped step)
             return
         self._boundary_step = step
-        signum = self._signal or (signal.SIGTERM if trainer.received_sigterm else None)
-        due = bool(signum) or bool(self._every_steps and step % self._every_steps == 0) or bool(
+        signum = self._signal or (signal.SIGTERM if trainer.received_sigterm else 0)
+        due = bool(self._every_steps and step % self._every_steps == 0) or bool(
             self._every_s and time.monotonic() - self._last_save_t >= self._every_s)
-        signum = trainer.strategy.broadcast(signum)  # rank 0 decides, so every rank saves the same step
-        due = trainer.strategy.broadcast(due)
+        # one all-reduce: a signal on any rank stops every rank; rank 0's clock decides a time-based save
+        agreed = agree_max(trainer, [float(signum), float(due and trainer.is_global_zero)])
+        signum = int(agreed[0]) or None
+        due = bool(signum) or bool(agreed[1])
         if due and (signum or step != self._saved_step):
             self.save(trainer, f"signal {signal.Signals(signum).name}" if signum else "periodic")
         if signum:

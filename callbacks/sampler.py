@@ -18,6 +18,7 @@ import torch
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_open
+from fluxlora.distributed import wait_for_rank_zero
 from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
@@ -94,7 +95,10 @@ class TimedSampler(L.Callback):
     ``thread`` mode, and a hung sampler never blocks the end of the run beyond ``timeout_s``. Each round renders on
     its own daemon thread from a *snapshot* of the LoRA weights at the step it was due. A round still running when
     the next one is due makes that one be skipped (logged, never awaited); a round that runs past ``timeout_s`` is
-    abandoned, logged with its thread's stack, and asked to stop at its next denoising step.
+    abandoned, logged with its thread's stack, and asked to stop at its next denoising step. In a DDP run only
+    rank 0 samples; where it may block (the first round's copy, ``between_steps``, the end) the other ranks wait for
+    it in one barrier bounded by the round's timeout, sending heartbeats, instead of timing out in the next
+    collective.
 
     Modes (the training transformer changes under a concurrent sampler, so the sampler needs its own weights):
 
@@ -155,6 +159,7 @@ class TimedSampler(L.Callback):
         self._model: Optional[torch.nn.Module] = None  # the sampling copy (thread mode)
         self._lora_dst: dict[str, torch.nn.Parameter] = {}
         self._job: Optional[SampleRound] = None
+        self._due_step = -1
         self.mode: Optional[str] = None  # resolved at the first round
         self.rounds: list[Path] = []
         self.skipped: list[int] = []
@@ -314,10 +319,17 @@ class TimedSampler(L.Callback):
 
     # ---- Lightning hooks ----
 
+    # Only rank 0 samples. Where it may block (the first round's copy, between_steps, the end), every rank then
+    # meets it in one bounded barrier that sends heartbeats, so no rank sits in another collective meanwhile;
+    # the decision to meet depends only on the config and the step, the same on every rank.
+
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._at_start and trainer.is_global_zero and trainer.global_step == 0:
-            self.sample(trainer, pl_module, 0)
+        if self._at_start and self.enabled and trainer.global_step == 0:
+            self._due_step = 0
+            if trainer.is_global_zero:
+                self.sample(trainer, pl_module, 0)
+            wait_for_rank_zero(trainer, "sampling", self._timeout)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -325,20 +337,24 @@ class TimedSampler(L.Callback):
         if self._job is not None and not self._job.collected:
             self.poll(trainer)
         step = trainer.global_step
-        if self._every and step % self._every == 0 and step > 0 and trainer.is_global_zero:
-            if self._job is None or self._job.step != step:
+        if self._every and self.enabled and step % self._every == 0 and step > 0 and self._due_step != step:
+            self._due_step = step  # once per step, also when gradient accumulation ends several batches there
+            if trainer.is_global_zero:
                 self.sample(trainer, pl_module, step)
+            wait_for_rank_zero(trainer, "sampling", self._timeout)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self._renderer is None:
+        if not self.enabled:
             return
-        if self._job is not None and self._job.alive and not self._job.abandoned:
-            self._wait(self._job, trainer)  # the running round gets the rest of its time, then the last one starts
-        self.poll(trainer)
-        step = trainer.global_step
-        if self._at_end and (self._job is None or self._job.step != step):
-            self.sample(trainer, pl_module, step, wait=True)
+        if trainer.is_global_zero and self._renderer is not None:
+            if self._job is not None and self._job.alive and not self._job.abandoned:
+                self._wait(self._job, trainer)  # the running round gets the rest of its time, then the last one
+            self.poll(trainer)
+            step = trainer.global_step
+            if self._at_end and (self._job is None or self._job.step != step):
+                self.sample(trainer, pl_module, step, wait=True)
+        wait_for_rank_zero(trainer, "sampling", 2 * self._timeout)  # the running round, then the last one
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -39,6 +39,9 @@ class StepHeartbeatWatchdog(HeartbeatMonitor, L.Callback):
         gil_backstop_s: extra time after the limit for faulthandler's C-level dump when the GIL is stuck; None = off.
         poll_s: how often the monitor thread looks; None = a tenth of the shortest limit, between 0.05 s and 1 s.
         exit_code: exit status used when the watchdog fires.
+        rank: this process's rank in a multi-process (DDP) run, recorded in the heartbeat file. Each rank keeps
+            its own files (``fluxlora.rank_health.heartbeat_path``); when the watchdog fires, the message also
+            gives the other ranks' last heartbeats.
 
     Example::
 
@@ -107,7 +110,8 @@ class StepHeartbeatWatchdog(HeartbeatMonitor, L.Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.stop("exception")
+        # the error goes into the heartbeat file: the other ranks of a DDP run read it to tell who failed first
+        self.stop("exception", error=f"{type(exception).__name__}: {exception}")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

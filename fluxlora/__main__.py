@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun() and not interrupted:
             raise  # Hydra records the failed job and the sweep goes on
         print(f"fluxlora: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code if interrupted else 2)
+        sys.exit(e.exit_code)  # 2; 75 when another rank of a DDP run stalled or died; 143/130 after a signal
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import faulthandler
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -54,7 +55,7 @@ class HeartbeatMonitor:
                  monitor_log: Optional[str] = None, heartbeat_file: Optional[str] = None,
                  stage_timeouts: Optional[dict] = None, gpu_idle_timeout_s: Optional[float] = None,
                  gil_backstop_s: Optional[float] = 60.0, poll_s: Optional[float] = None,
-                 exit_code: int = WATCHDOG_EXIT_CODE) -> None:
+                 exit_code: int = WATCHDOG_EXIT_CODE, rank: int = 0) -> None:
         for key, v in (("setup_timeout_s", setup_timeout_s), ("step_timeout_s", step_timeout_s)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{key} must be a positive number of seconds, got {v!r}")
@@ -77,6 +78,9 @@ class HeartbeatMonitor:
         shortest = min([*self._timeouts.values(), *self._stage_timeouts.values()])
         self._poll = float(poll_s) if poll_s else min(1.0, max(0.05, shortest / 10))
         self._exit_code = exit_code
+        self.rank = int(rank)
+        self.peer_report: Optional[Callable[[], str]] = None  # other ranks' state, added to the fire message
+        self.before_exit: list[Callable[[], None]] = []  # e.g. end the other ranks this process started
         # (monotonic time, stage, detail, step): replaced as one tuple so the monitor thread reads a consistent beat
         self._beat: tuple[float, str, str, int] = (time.monotonic(), "setup", "", 0)
         self._phase = "setup"
@@ -130,8 +134,9 @@ class HeartbeatMonitor:
         """Switch to the short limit (done by the first finished training batch)."""
         self._phase = "train"
 
-    def stop(self, reason: str = "stopped") -> None:
-        """Cancel the watchdog: the monitor thread ends and the heartbeat file says `reason`."""
+    def stop(self, reason: str = "stopped", error: Optional[str] = None) -> None:
+        """Cancel the watchdog: the monitor thread ends and the heartbeat file says `reason` (and `error`, which
+        the other ranks of a multi-process run read to tell who failed first)."""
         if self in _ACTIVE:
             _ACTIVE.remove(self)
         self._stop.set()
@@ -140,8 +145,8 @@ class HeartbeatMonitor:
             thread.join(timeout=5 * self._poll + 1)
         if self._backstop is not None:
             faulthandler.cancel_dump_traceback_later()
-        if thread is not None:
-            self._write_heartbeat(state=reason)
+        if thread is not None or error:
+            self._write_heartbeat(state=reason, error=error)
         if self._monitor_file is not None:
             self._monitor_file.close()
             self._monitor_file = None
@@ -200,6 +205,9 @@ class HeartbeatMonitor:
             faulthandler.cancel_dump_traceback_later()
         code = self._exit_code
         self.fired = what
+        peers = _call_quietly(self.peer_report)
+        if peers:
+            what = f"{what}; other ranks: {peers}"
         msg = f"watchdog: {what}; every thread's stack follows; exiting with code {code}"
         self._killer = threading.Timer(10.0, _exit, (code,))
         self._killer.daemon = True
@@ -217,9 +225,11 @@ class HeartbeatMonitor:
             if _fileno_or_none(sys.stderr) is not None:
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         finally:
+            for hook in self.before_exit:
+                _call_quietly(hook)
             _exit(code)
 
-    def _write_heartbeat(self, state: str = "running") -> None:
+    def _write_heartbeat(self, state: str = "running", error: Optional[str] = None) -> None:
         if self._heartbeat_path is None:
             return
         beat = self._beat
@@ -227,7 +237,9 @@ class HeartbeatMonitor:
         now = time.time()
         record = {"pid": os.getpid(), "state": state, "stage": stage, "detail": detail, "step": step,
                   "phase": self._phase, "time": now - (time.monotonic() - mono), "timeout_s": self.limit(stage),
-                  "updated": now}
+                  "updated": now, "rank": self.rank, "host": socket.gethostname()}
+        if error:
+            record["error"] = error[:2000]
         # no fsync: this file is for a live reader, not for crash recovery; the rename keeps it whole
         tmp = self._heartbeat_path.with_name(f".{self._heartbeat_path.name}.{os.getpid()}.tmp")
         try:
@@ -237,6 +249,17 @@ class HeartbeatMonitor:
             self._written = beat
         except OSError as e:
             log.warning("heartbeat file %s not written: %s", self._heartbeat_path, e)
+
+
+def _call_quietly(fn: Optional[Callable[[], Any]]) -> Any:
+    """Run a hook of the firing path; its failure must not keep the process from ending."""
+    if fn is None:
+        return None
+    try:
+        return fn()
+    except Exception as e:
+        log.warning("watchdog hook %r failed: %s", fn, e)
+        return None
 
 
 def _fileno_or_none(f: Any) -> Optional[Any]:

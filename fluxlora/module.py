@@ -13,6 +13,7 @@ import torch
 from typing_extensions import override
 
 from fluxlora import flow as fm
+from fluxlora.distributed import agree_max
 from fluxlora.errors import FluxLoraError
 from fluxlora.lora import LoraSettings, inject, lora_parameters
 from fluxlora.optim import build_optimizer, build_scheduler
@@ -102,6 +103,11 @@ class FluxLoRAModule(L.LightningModule):
             optimizer_closure()
         flag, files = self._nonfinite, self._pending_files
         self._nonfinite, self._pending_files = None, []
+        if flag is not None and getattr(self._trainer, "world_size", 1) > 1:
+            # the gradients were averaged over the ranks: every rank skips (or stops) together
+            local = bool(flag)
+            flag = agree_max(self.trainer, [float(local)])[0] > 0
+            files = files if local else [f"(on another rank; this rank {self.global_rank} was finite)"]
         if flag is not None and bool(flag):
             self._on_nonfinite(files)
             return  # grads are cleared before the next step; the LoRA weights stay as they were

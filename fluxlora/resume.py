@@ -97,23 +97,26 @@ def incompatibility(ckpt: dict, own: dict[str, torch.Tensor]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def plan_resume(resume: Any, folder: Path) -> ResumePlan:
+def plan_resume(resume: Any, folder: Path, owner: bool = True) -> ResumePlan:
     """Pick the checkpoint to continue from.
 
     Args:
         resume: ``auto`` (newest valid checkpoint in `folder`), None/``null``/``never`` (fresh start), or a path.
         folder: this run name's checkpoint folder (``outputs/<name>/checkpoints``).
+        owner: this process may move an earlier run's checkpoints aside (rank 0 of a multi-process run only).
     """
     value = None if resume is None or resume is False else str(resume)
     if value in (None, "", "null", "none", "never", "false"):
-        _set_aside(folder)
+        if owner:
+            _set_aside(folder)
         return ResumePlan()
     if value == "auto":
         found = candidates(folder)
         plan = _first_valid(found)
         if plan.path is None and found:
             log.warning("resume=auto: no checkpoint in %s loads (%s); starting fresh", folder, "; ".join(plan.rejected))
-            _set_aside(folder)
+            if owner:
+                _set_aside(folder)
         elif plan.path is None:
             log.info("resume=auto: no checkpoint in %s; starting fresh", folder)
         return plan
@@ -158,16 +161,17 @@ def _set_aside(folder: Path) -> None:
         log.warning("starting fresh: the earlier checkpoints of this run name were moved to %s", dest)
 
 
-def resume_plan(cfg: Any, out: Path, module: Any, callbacks: list) -> ResumePlan:
-    """The run's resume plan (`cfg.resume`), checked against the LoRA layers of `module`."""
+def resume_plan(cfg: Any, out: Path, module: Any, callbacks: list, owner: bool = True) -> ResumePlan:
+    """The run's resume plan (`cfg.resume`), checked against the LoRA layers of `module`. Only the `owner` (rank 0)
+    cleans up or moves files; the other ranks of a multi-process run only read."""
     from fluxlora.callbacks.checkpoint import PeriodicCheckpoint
     from fluxlora.callbacks.checkpoint_io import AtomicCheckpointIO
 
     folder = next((cb.dirpath for cb in callbacks if isinstance(cb, PeriodicCheckpoint)), out / "checkpoints")
-    if folder.is_dir():
+    if folder.is_dir() and owner:
         for p in AtomicCheckpointIO.clean_stale_temps(folder):
             log.info("removed %s, left by an interrupted save", p.name)
-    plan = plan_resume(cfg.get("resume"), folder)
+    plan = plan_resume(cfg.get("resume"), folder, owner)
     if plan.path is None:
         return plan
     why = incompatibility(plan.checkpoint, module.state_dict())

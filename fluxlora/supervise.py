@@ -8,6 +8,10 @@ process group when the last heartbeat is older than the child's own limit plus a
 died from a signal it did not send, and one that faulthandler's GIL backstop ended. A child that exits 0 ends the
 supervisor with 0; any other status that is not a hang (a config error, SIGTERM/SIGINT forwarded to it) is passed
 through without a restart. Every start, stall, kill, restart and exit goes to `outputs/<name>/monitor.log`.
+
+With `trainer.devices=N` the child is rank 0, which starts the other ranks in its own process group: a stale child is
+killed with all of them, a rank that stalls or dies ends the group with exit 75 (the message names it), and after the
+child has exited whatever is left of its group is killed before the restart starts a new group.
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ class Supervisor:
                 self.log(f"child pid {child.pid} killed (status {_status(rc)})")
                 return rc, f"heartbeat stale ({stale})"
         self.log(f"child pid {child.pid} exited with status {_status(rc)}{self._last_stage(child.pid)}")
+        _kill_group(child)  # the other ranks of a DDP run it started, should any be left: the restart starts anew
         return rc, self._cause(rc, log_size)
 
     def _stale(self, pid: int, started: float) -> str:
@@ -166,6 +171,9 @@ class Supervisor:
         if self._forwarded is not None:
             return None
         if rc == self._watch.watchdog_exit_code:
+            error = _read_json(self._watch.heartbeat).get("error", "")
+            if error:  # a stage of another rank stalled or a rank died (DDP); the child named it
+                return f"the child ended with exit {rc}: {error}"
             return f"the watchdog ended the child (exit {rc}; stacks in {self._watch.monitor_log})"
         if rc < 0 and -rc not in (signal.SIGTERM, signal.SIGINT):
             return f"the child died from signal {signal.Signals(-rc).name}"
@@ -186,6 +194,13 @@ def _kill_group(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGKILL)  # SIGKILL works on a stopped process, SIGTERM would wait for SIGCONT
     except ProcessLookupError:
         pass
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _new_text(path: Path, offset: int) -> str:

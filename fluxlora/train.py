@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import signal
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,18 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fluxlora.callbacks import StepHeartbeatWatchdog, heartbeat
 from fluxlora.cuda_setup import prepare_cuda
 from fluxlora.data import FluxDataModule
+from fluxlora.distributed import (DistributedSettings, RankInfo, build_strategy, is_collective_failure,
+                                  rank_info)
 from fluxlora.encode import cache_encoder, move_encoders
-from fluxlora.errors import FluxLoraError, RunInterrupted
+from fluxlora.errors import FluxLoraError, RankFailedError, RunInterrupted
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings
 from fluxlora.memory import MemorySettings, apply_memory_settings, enable_block_swap
 from fluxlora.models import load_components
 from fluxlora.models.components import resolve_dtype
 from fluxlora.module import FluxLoRAModule
+from fluxlora.rank_health import diagnose, heartbeat_path, peers_summary
+from fluxlora.rank_launch import RankLauncher
 from fluxlora.resume import report_complete, resume_plan
 from fluxlora.speed import SpeedSettings, apply_speed_settings
 
@@ -84,16 +90,24 @@ def build_callbacks(cfg: DictConfig, metadata: dict, prebuilt: dict | None = Non
     return callbacks
 
 
-def start_watchdog(cfg: DictConfig) -> StepHeartbeatWatchdog | None:
-    """Build `callbacks.watchdog` and start it now, so model loading and caching are watched too."""
+def start_watchdog(cfg: DictConfig, info: RankInfo | None = None) -> StepHeartbeatWatchdog | None:
+    """Build `callbacks.watchdog` and start it now, so model loading and caching are watched too. Each rank of a
+    multi-process run keeps its own heartbeat file and monitor log (rank R: `heartbeat.rankR.json`)."""
     node = (cfg.get("callbacks") or {}).get("watchdog")
     if node is None:
         return None
+    extra = {}
+    if info is not None and info.distributed:
+        extra = {"rank": info.rank, **{k: str(heartbeat_path(node[k], info.rank)) for k in ("heartbeat_file",
+                                                                                          "monitor_log") if node.get(k)}}
     try:
-        watchdog = instantiate(node)
+        watchdog = instantiate(node, **extra)
     except Exception as e:
         raise FluxLoraError(f"callbacks.watchdog could not be built: {e}") from e
     if isinstance(watchdog, StepHeartbeatWatchdog):
+        if info is not None and info.distributed and node.get("heartbeat_file"):
+            base = Path(str(node.heartbeat_file))
+            watchdog.peer_report = lambda: peers_summary(base, info.rank, info.world_size)
         watchdog.start("load_model")
     return watchdog
 
@@ -144,6 +158,25 @@ def _route_lightning_logs() -> None:
         lg.propagate = True
 
 
+class _RankPrefix(logging.Filter):
+    """`[rank R] ` before every log line of a multi-process run (the ranks share one terminal)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _tag_logs(info: RankInfo) -> None:
+    for handler in logging.root.handlers:
+        if not any(isinstance(f, _RankPrefix) for f in handler.filters):
+            handler.addFilter(_RankPrefix(info.rank))
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train one LoRA; returns the mean loss of the last steps (Hydra sweepers can optimise it)."""
     _route_lightning_logs()
@@ -152,16 +185,111 @@ def run(cfg: DictConfig) -> float | None:
         cfg.name = name
     out = Path(str(cfg.output.dir))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    watchdog = start_watchdog(cfg)  # covers model loading and caching too
+    device = device_for(cfg)
+    info = rank_info(cfg, device)
+    if info.distributed:
+        _tag_logs(info)
+        if device.type == "cuda":
+            torch.cuda.set_device(info.local_rank)  # before anything touches the GPU: each rank its own
+    if info.rank == 0:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    dist = settings(DistributedSettings, cfg.distributed) if cfg.get("distributed") is not None \
+        else DistributedSettings()
+    watchdog = start_watchdog(cfg, info)  # covers model loading and caching too
+    group = _start_ranks(cfg, info, dist, name, watchdog) if info.distributed and info.launches else None
+    ctx: dict = {}
+    failed = True
     try:
-        return _train(cfg, out, name, watchdog)
+        result = _train(cfg, out, name, watchdog, info, dist, ctx)
+        failed = False
+        return result
+    except BaseException as e:
+        if watchdog is not None:  # first: the other ranks read it to tell who failed first
+            watchdog.stop("exception", error=f"{type(e).__name__}: {e}")
+        if info.distributed and is_collective_failure(e):
+            err = _rank_failure(e, cfg, info, ctx.get("strategy"))
+            if watchdog is not None:  # the supervisor reads it
+                watchdog.stop("exception", error=str(err))
+            raise err from e
+        raise
     finally:
+        if group is not None:
+            for line in group.finish(failed, dist.join_timeout_s):
+                log.warning("%s", line)
+        if info.distributed:
+            _end_process_group()
         if watchdog is not None:
             watchdog.stop()
 
 
-def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdog | None) -> float | None:
+def _start_ranks(cfg: DictConfig, info: RankInfo, dist: DistributedSettings, name: str,
+                 watchdog: StepHeartbeatWatchdog | None) -> RankLauncher:
+    """Rank 0 of `python -m fluxlora trainer.devices=N` starts the other local ranks now, before the model loads."""
+    from fluxlora.__main__ import _is_multirun
+
+    node = (cfg.get("callbacks") or {}).get("watchdog")
+    group: RankLauncher | None = None
+
+    def end_group(message: str) -> None:  # the observer thread: a rank died and this one did not fail by itself
+        text = (f"stage 'distributed' failed: {message}; ending the other ranks. The last checkpoint is intact: run "
+                "again with resume=auto (python -m fluxlora.supervise does it)")
+        log.error("%s", text)
+        print(f"fluxlora: error: {text}", file=sys.stderr, flush=True)
+        if watchdog is not None:
+            watchdog.stop("failed", error=text)
+        group.kill_all()
+        os._exit(RankFailedError.exit_code)
+
+    # in a sweep the job must fail as an exception Hydra records: the training thread gets until its own
+    # collectives time out; a single run ends at once
+    grace = dist.setup_timeout_s + 60 if _is_multirun() else 5.0
+    group = RankLauncher(info.devices, info.num_nodes, name, node.get("heartbeat_file") if node else None,
+                         end_group, grace_s=grace)
+    group.start()
+    if watchdog is not None:
+        watchdog.before_exit.append(group.kill_all)
+    return group
+
+
+def _rank_failure(e: BaseException, cfg: DictConfig, info: RankInfo, strategy) -> FluxLoraError:
+    """A failed collective as a message that names the rank(s) it waited for."""
+    node = (cfg.get("callbacks") or {}).get("watchdog")
+    seen = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if node is None or not node.get("heartbeat_file"):
+        ranks, who, verdict = (), "another rank did not arrive (callbacks.watchdog is off: no heartbeat files to " \
+                                    "tell which)", "running"
+    else:
+        ranks, who, verdict = diagnose(Path(str(node.heartbeat_file)), info.rank, info.world_size)
+    detail = (f"{who}; this rank ({info.rank} of {info.world_size}) saw: {seen}. The last checkpoint is intact: "
+              "run again with resume=auto (python -m fluxlora.supervise does it)")
+    if verdict == "failed":  # the other rank's own error (bad input, a data stall): its exit status, no restart
+        return FluxLoraError(f"stage 'distributed' failed: {detail}")
+    timed_out = "timed out" in str(e).lower() or "timeout" in str(e).lower()
+    seconds = getattr(strategy, "current_timeout_s", 0.0) if timed_out else 0.0
+    return RankFailedError("distributed", seconds, detail, ranks)
+
+
+def _end_process_group() -> None:
+    """Destroy the process group (bounded), so that the next job of a sweep can start its own."""
+    import threading
+
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    t = threading.Thread(target=tdist.destroy_process_group, name="fluxlora-pg-destroy", daemon=True)
+    t.start()
+    t.join(30)
+    if t.is_alive():
+        log.error("the process group could not be destroyed within 30s")
+
+
+def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdog | None,
+           info: RankInfo | None = None, dist: DistributedSettings | None = None,
+           ctx: dict | None = None) -> float | None:
+    info = info or RankInfo(0, 0, 1, 1, 1, "single", False)
+    dist = dist or DistributedSettings()
+    ctx = {} if ctx is None else ctx
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     settings(LoraSettings, cfg.lora)  # a bad lora value fails here, before anything is loaded
@@ -174,7 +302,8 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     log.info("loading model (%s)", cfg.model.source)
     heartbeat("load_model")
     comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True)
-    dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed))
+    dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed),
+                        rank=info.rank, world_size=info.world_size)  # each rank caches and trains its share
     records = dm.scan()
     log.info("dataset: %d images", len(records))
 
@@ -193,7 +322,7 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
                 "timestep_sampling": flow.timestep_sampling, "guidance_scale": flow.guidance_scale}
     callbacks = build_callbacks(cfg, metadata, prebuilt={"watchdog": watchdog})
     for cb in callbacks:
-        if hasattr(cb, "prepare"):
+        if hasattr(cb, "prepare") and info.rank == 0:  # only rank 0 samples
             cb.prepare(comps, device, int(cfg.model.t5_max_length))
     move_encoders(comps, "cpu")  # the step sees only cached tensors: encoders leave the GPU
     comps.text_encoder = comps.text_encoder_2 = None
@@ -210,12 +339,14 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     trainer_cfg["precision"] = precision
     if not trainer_cfg.get("gradient_clip_val"):
         trainer_cfg["gradient_clip_val"] = None
-    plan = resume_plan(cfg, out, module, callbacks)
+    plan = resume_plan(cfg, out, module, callbacks, owner=info.rank == 0)
     if plan.path is not None and plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs")):
-        return report_complete(name, out, plan)
+        return report_complete(name, out, plan) if info.rank == 0 else None
     plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
+    trainer_cfg.pop("strategy", None)
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(out),
-                                     plugins=plugins)
+                                     plugins=plugins, strategy=build_strategy(cfg, info, dist))
+    ctx["strategy"] = trainer.strategy
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(plan.path) if plan.path else None)
     except SIGTERMException as e:  # Lightning's own SIGTERM path (our checkpoint callback was left out)

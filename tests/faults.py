@@ -76,7 +76,8 @@ class SlowStep(L.Callback):
 
 
 class BatchRecorder(L.Callback):
-    """Append `{"step": global_step, "paths": [...]}` for every training batch to a JSON-lines file."""
+    """Append `{"step": global_step, "rank": R, "epoch": E, "paths": [...]}` for every training batch to a JSON-lines
+    file (one line per write: the ranks of a DDP run append to the same file)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -84,7 +85,71 @@ class BatchRecorder(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "paths": [Path(p).name for p in batch["path"]]}) + "\n")
+            f.write(json.dumps({"step": trainer.global_step, "rank": trainer.global_rank,
+                                "epoch": trainer.current_epoch,
+                                "paths": [Path(p).name for p in batch["path"]]}) + "\n")
+
+
+class RankFault(L.Callback):
+    """On rank `rank`, inside the training step of `at_step` (after backward, before the optimizer step): sleep in C
+    for an hour (`how=sleep`) or SIGKILL this process (`how=kill`). With `once_file`, only the first run that gets
+    there does it (a supervisor's restart then trains through). Writes `{"pid", "time"}` to `once_file` just
+    before, so a test can time what follows."""
+
+    def __init__(self, rank: int, at_step: int, how: str = "sleep", once_file: Optional[str] = None) -> None:
+        self.rank, self.at_step, self.how = rank, at_step, how
+        self.once_file = Path(once_file) if once_file else None
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != self.rank or trainer.global_step != self.at_step:
+            return
+        if self.once_file is not None:
+            if self.once_file.exists():
+                return
+            self.once_file.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), "how": self.how}))
+        if self.how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        _block("sleep", None)
+
+
+class LoraFingerprint(L.Callback):
+    """At the end of training, write this rank's global step and a digest of its LoRA weights to
+    `<folder>/lora.rank<R>.json` (ranks of a DDP run must end with identical weights)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(pl_module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"lora.rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"step": trainer.global_step, "digest": h.hexdigest(), "pid": os.getpid()}))
+
+
+class SlowSampling(L.Callback):
+    """Make the run's first sampled image take `seconds` longer (on the rank that samples): a slow sampling round."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from fluxlora.callbacks import TimedSampler
+
+        for cb in trainer.callbacks:
+            renderer = getattr(cb, "_renderer", None) if isinstance(cb, TimedSampler) else None
+            if renderer is not None:
+
+                def slow(*args, _renderer=renderer, _render=renderer.render, **kwargs):
+                    _renderer.render = _render  # once
+                    time.sleep(self.seconds)
+                    return _render(*args, **kwargs)
+
+                renderer.render = slow
 
 
 def read_batches(path: Path) -> list[dict]:

@@ -66,6 +66,21 @@ class FluxDataModule(L.LightningDataModule):
         self._empty_caption_file: Path | None = None
         self._resume: dict | None = None
 
+    @override
+    def setup(self, stage: str) -> None:
+        """The trainer's rank and world size are the ones the batches are split by; the sampler (made in
+        `train_dataloader`) and the epoch length (counted before the trainer existed) must agree with them."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        if (trainer.global_rank, trainer.world_size) != (self.rank, self.world_size):
+            if self.sampler is not None or self.entries:
+                raise FluxLoraError(
+                    f"the data was split for rank {self.rank} of {self.world_size}, but the trainer runs this process "
+                    f"as rank {trainer.global_rank} of {trainer.world_size}: check trainer.devices/num_nodes against "
+                    "the processes the launcher (torchrun, SLURM) started")
+            self.rank, self.world_size = trainer.global_rank, trainer.world_size
+
     def scan(self) -> list[ImageRecord]:
         """Find the images and captions (generating the synthetic set for the embedded default)."""
         cfg = self.cfg

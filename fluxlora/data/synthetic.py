@@ -37,9 +37,13 @@ def make_synthetic(folder: str | Path, count: int = 8, size: int = 64, seed: int
             d.rectangle(box, fill=_COLORS[names[fg]])
         else:
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLORS[names[fg]])
-        # temp name + rename: an interrupted first run never leaves a half-written image behind
-        tmp = png.with_suffix(".png.tmp")
+        # temp name (per process: the ranks of a DDP run write the same files at once) + rename: an interrupted
+        # first run never leaves a half-written image or caption behind; the caption goes last, the check above
+        # needs both
+        tmp = png.with_name(f".{png.name}.{os.getpid()}.tmp")
         im.save(tmp, format="PNG")
         os.replace(tmp, png)
-        txt.write_text(f"a photo of {trigger} {names[fg]} {shape} on a {names[bg]} background", encoding="utf-8")
+        tmp = txt.with_name(f".{txt.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"a photo of {trigger} {names[fg]} {shape} on a {names[bg]} background", encoding="utf-8")
+        os.replace(tmp, txt)
     return folder
