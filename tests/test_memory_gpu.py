@@ -1,6 +1,9 @@
 """GPU checks of the memory tools (skipped on the CPU; run with CUDA_VISIBLE_DEVICES=0, conftest hides GPUs
 otherwise): block swapping trains the same LoRA as without it within bf16 tolerance, through the real CUDA backend
-(pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.train.run`."""
+(pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.train.run`.
+With fluxlora installed from a wheel rather than editable, run `python -P -m pytest` so the checkout's bare
+`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. 5 passed on the H100,
+2026-11-25."""
 
 from __future__ import annotations
 
