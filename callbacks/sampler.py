@@ -228,7 +228,7 @@ class TimedSampler(L.Callback):
         swapping = getattr(pl_module.transformer, "_fluxlora_block_swap", None) is not None
         if self._mode == "thread" and swapping:
             raise FluxLoraError("callbacks.sampler.mode=thread needs a full copy of the transformer, which block "
-                             "swapping (memory.blocks_to_swap) keeps off the GPU; use mode=auto or between_steps")
+                                "swapping (memory.blocks_to_swap) keeps off the GPU; use mode=auto or between_steps")
         if self._mode != "auto":
             self.mode = self._mode
             return

@@ -119,7 +119,7 @@ class BlockSwapper:
         self.swapped = {pos: self._take(pos) for pos in self.schedule.swapped}
         self._hooks = []
         self._transformer = transformer
-        transformer._fluxlora_block_swap = self  # the sampler and speed settings look for it
+        transformer._fluxlora_block_swap = self  # the sampler looks for it (no full copy to sample from)
         for pos, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(partial(self._pre_hook, pos)))
             self._hooks.append(block.register_forward_hook(partial(self._post_hook, pos), always_call=True))

@@ -109,7 +109,9 @@ def swap_positions(transformer: torch.nn.Module, blocks_to_swap: int) -> list[in
         return split
     target = sum(_frozen_bytes(blocks[i]) for i in split)
     chosen: list[int] = []
-    for group in (untrained, [i for i in range(len(blocks)) if i not in set(untrained)]):
+    trained = [i for i in range(len(blocks)) if i not in set(untrained)]
+    for group in (untrained, trained):
+        pick: list[int] = []
         for count in range(1, len(group) + 1):
             pick = [group[i] for i in spread(count, len(group))]
             if sum(_frozen_bytes(blocks[i]) for i in chosen + pick) >= target or count == len(group):

@@ -93,3 +93,23 @@ def test_auto_mode_picks_between_steps_on_a_tight_gpu():
     assert choose_mode(cuda, model_bytes=24 * gib, free_bytes=None, margin_bytes=2 * gib) == "between_steps"
     assert choose_mode(cuda, model_bytes=24 * gib, free_bytes=40 * gib, margin_bytes=2 * gib) == "thread"
     assert choose_mode(torch.device("cpu"), model_bytes=24 * gib, free_bytes=None, margin_bytes=0) == "thread"
+
+
+def test_with_block_swapping_the_sampler_renders_between_steps_and_refuses_a_copy(tmp_path):
+    """Block swapping keeps blocks in host memory: there is no full transformer on the device to copy."""
+    from types import SimpleNamespace
+
+    from fluxlora.callbacks import TimedSampler
+    from fluxlora.callbacks.sampler import sampling_copy
+    from fluxlora.errors import FluxLoraError
+
+    transformer = torch.nn.Linear(2, 2)
+    transformer._fluxlora_block_swap = object()  # what BlockSwapper installs
+    module = SimpleNamespace(transformer=transformer, device=torch.device("cpu"), compute_dtype=torch.float32)
+    auto = TimedSampler(str(tmp_path), "run", prompts=["a cat"], mode="auto")
+    auto._resolve_mode(module)
+    assert auto.mode == "between_steps"
+    with pytest.raises(FluxLoraError, match="mode=thread needs a full copy"):
+        TimedSampler(str(tmp_path), "run", prompts=["a cat"], mode="thread")._resolve_mode(module)
+    with pytest.raises(ValueError, match="block swapping"):
+        sampling_copy(transformer, torch.float32)
