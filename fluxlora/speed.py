@@ -16,7 +16,8 @@ class SpeedSettings:
 
     compile_blocks: bool | str = False
     """Regional torch.compile: each transformer block is compiled once and reused by all blocks of its kind.
-    `auto`: on a CUDA device only (the tiers' choice: on the CPU, compiling costs more than it saves)."""
+    `auto`: on a CUDA device only (the tiers' choice: on the CPU, compiling costs more than it saves), and not over
+    NF4 storage (bitsandbytes' 4-bit layers under torch.compile were not measured here; `true` forces it)."""
     compile_scope: str = "blocks"
     """`blocks`: one compiled region per block (fast to compile); `model`: the whole transformer as one graph
     (slower to compile, far less host overhead per step: each region costs a fixed wrapper time per call)."""
@@ -34,10 +35,10 @@ class SpeedSettings:
         if self.compile_mode and self.compile_options:
             raise ValueError("speed.compile_mode and speed.compile_options cannot both be set (torch.compile)")
 
-    def compiles(self, device: torch.device | str | None) -> bool:
-        """Whether blocks are compiled on `device`."""
+    def compiles(self, device: torch.device | str | None, base_storage: str = "none") -> bool:
+        """Whether blocks are compiled on `device` with `memory.base_storage`."""
         if self.compile_blocks == "auto":
-            return device is not None and torch.device(device).type == "cuda"
+            return device is not None and torch.device(device).type == "cuda" and base_storage != "nf4"
         return bool(self.compile_blocks)
 
 
@@ -66,10 +67,10 @@ def uncompiled(module: torch.nn.Module) -> None:
 
 
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False,
-                         device: torch.device | str | None = None) -> None:
+                         device: torch.device | str | None = None, base_storage: str = "none") -> None:
     """Apply the settings for a run on `device`; `swapping`: block swapping is installed (its hooks must stay
-    outside compiled code)."""
-    if not settings.compiles(device):
+    outside compiled code); `base_storage`: `memory.base_storage`."""
+    if not settings.compiles(device, base_storage):
         return
     options = dict(settings.compile_options) if settings.compile_options else None
     if settings.compile_scope == "model":

@@ -144,7 +144,8 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
     speed = settings(SpeedSettings, cfg.speed) if cfg.get("speed") is not None else SpeedSettings()
     try:
-        apply_speed_settings(transformer, speed, swapping=swapper is not None, device=device)
+        apply_speed_settings(transformer, speed, swapping=swapper is not None, device=device,
+                             base_storage=memory.base_storage)
     except ValueError as e:
         raise FluxLoraError(str(e)) from e
     return module, swapper

@@ -54,6 +54,7 @@ def test_bad_settings_are_rejected_and_auto_compiles_on_cuda_only():
         SpeedSettings(compile_blocks=True, compile_mode="max-autotune", compile_options={"cpp_wrapper": True})
     auto = SpeedSettings(compile_blocks="auto")
     assert auto.compiles("cuda") and not auto.compiles("cpu") and SpeedSettings(compile_blocks=True).compiles("cpu")
+    assert not auto.compiles("cuda", "nf4") and auto.compiles("cuda", "fp8")
     transformer = tiny.build()["transformer"]
     apply_speed_settings(transformer, auto, device="cpu")
     assert not hasattr(transformer.transformer_blocks[0].forward, "_torchdynamo_orig_callable")
