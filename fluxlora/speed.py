@@ -9,6 +9,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+RECOMPILE_LIMIT = 64
+"""Graphs dynamo may keep per compiled block kind (several bucket resolutions × input grad signatures)."""
+
 
 @dataclass
 class SpeedSettings:
@@ -49,6 +52,11 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
     checkpointing's marks) stay eager Python around the compiled graph. All blocks of a kind share one compiled
     graph (their forward is the same code; parameters are graph inputs), so compile time does not grow with depth.
     """
+    # each block kind gets a graph per input shape (bucket resolution) and per grad signature of its inputs (~3):
+    # dynamo's default of 8 per code object would send the blocks of a bucketed dataset back to eager
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
     n = 0
     for name in ("transformer_blocks", "single_transformer_blocks"):
         for block in getattr(transformer, name, []):
