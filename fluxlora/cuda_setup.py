@@ -22,6 +22,8 @@ def prepare_cuda(device: torch.device) -> None:
     if torch.device(device).type != "cuda":
         return
     torch.backends.cuda.enable_cudnn_sdp(False)
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        # torch >= 2.9 names it per accelerator; the CUDA-only spelling still works there but warns
+        set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (set_settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
         log.debug("CUDA allocator: expandable segments")
