@@ -123,13 +123,15 @@ def step_timer(device: torch.device, warm: int, t_start: float, profile_at: int 
     step `profile_at` on, a torch.profiler (or, with PYPROFILE=1, cProfile) records until the end."""
     import lightning as L
 
+    python_profile = bool(os.environ.get("PYPROFILE"))
+
     class Timer(L.Callback):
         first = t0 = t1 = 0.0
         prof = None
 
         def on_train_batch_start(self, trainer, *a):
             if trainer.global_step == profile_at and self.prof is None:
-                if os.environ.get("PYPROFILE"):
+                if python_profile:
                     import cProfile
 
                     self.prof = cProfile.Profile()
@@ -152,14 +154,16 @@ def step_timer(device: torch.device, warm: int, t_start: float, profile_at: int 
             _sync(device)
             self.t1 = time.perf_counter()
             if self.prof is not None:
-                self.prof.disable() if os.environ.get("PYPROFILE") else self.prof.__exit__(None, None, None)
+                self.prof.disable() if python_profile else self.prof.__exit__(None, None, None)
 
     return Timer()
 
 
 def write_profile(prof, steps: int, path: Path) -> dict:
-    """The profile's tables into `path`; returns host and device seconds per step."""
-    if os.environ.get("PYPROFILE"):
+    """The profile's tables into `path`; returns device seconds per step (torch.profiler only)."""
+    import cProfile
+
+    if isinstance(prof, cProfile.Profile):
         import io
         import pstats
 

@@ -60,10 +60,9 @@ def choose_mode(device: torch.device, model_bytes: int, free_bytes: Optional[int
 
 
 def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """An inference copy of the (LoRA-adapted) transformer, in `compute_dtype`, without diffusers' memory hooks.
+    """An inference copy of the (LoRA-adapted) transformer, in `compute_dtype`.
 
-    A deep copy keeps diffusers hooks' closures and compiled forwards pointing at the *original* modules, so the
-    copy's are removed (it runs eagerly).
+    A deep copy keeps compiled forwards bound to the *original* blocks, so the copy's are removed (it runs eagerly).
     fp8 weights of `Fp8Linear`s stay fp8 (they upcast per matmul); any other fp8 tensor is upcast.
     """
     from fluxlora.fp8 import Fp8Linear
@@ -73,11 +72,7 @@ def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> t
         raise ValueError("a transformer with block swapping has no full copy of its weights on the device; "
                          "sample in between_steps mode")
     clone = copy.deepcopy(transformer)
-    uncompiled(clone)  # compiled forwards stay bound to the original's blocks
-    for module in clone.modules():
-        if "_diffusers_hook" in module.__dict__:  # a hooked module: its forward is an instance attribute
-            module.__dict__.pop("forward", None)
-            del module.__dict__["_diffusers_hook"]
+    uncompiled(clone)
     with torch.no_grad():
         for module in clone.modules():
             if isinstance(module, Fp8Linear):

@@ -63,7 +63,7 @@ class WeightRef:
     key: str
     """Parameter key within the block."""
     dtype: torch.dtype
-    """Dtype of the saved tensor (the compute dtype when layerwise casting upcast an fp8 weight)."""
+    """Dtype of the saved tensor (a view of the weight, so normally the weight's own)."""
     size: tuple
     """Shape of the saved tensor (a transposed weight for Linear)."""
     stride: tuple

@@ -107,17 +107,18 @@ def swap_positions(transformer: torch.nn.Module, blocks_to_swap: int) -> list[in
     untrained = [i for i, b in enumerate(blocks) if not any(p.requires_grad for p in b.parameters())]
     if not untrained:
         return split
-    target = sum(_frozen_bytes(blocks[i]) for i in split)
+    size = [_frozen_bytes(b) for b in blocks]
+    target = sum(size[i] for i in split)
     chosen: list[int] = []
     trained = [i for i in range(len(blocks)) if i not in set(untrained)]
     for group in (untrained, trained):
         pick: list[int] = []
         for count in range(1, len(group) + 1):
             pick = [group[i] for i in spread(count, len(group))]
-            if sum(_frozen_bytes(blocks[i]) for i in chosen + pick) >= target or count == len(group):
+            if sum(size[i] for i in chosen + pick) >= target or count == len(group):
                 break
         chosen += pick
-        if sum(_frozen_bytes(blocks[i]) for i in chosen) >= target:
+        if sum(size[i] for i in chosen) >= target:
             break
     return sorted(chosen)
 

@@ -63,7 +63,6 @@ class SwapSchedule:
         self._last_forward = -1
         self._grad_order: list[int] = []  # swapped blocks whose outputs need backward, in forward order
         self._keep: set[int] = set()  # kept across the forward→backward turn
-        self._warm: set[int] = set()  # loaded when backward ended, for the next step's forward
 
     def _plan(self, need: int | None, window: list[int], passed) -> Plan:
         """Load the window; evict resident blocks outside it that this pass has `passed` (blocks still ahead stay:
@@ -79,9 +78,10 @@ class SwapSchedule:
 
     def _enter_forward(self, pos: int) -> Plan:
         fresh = self.phase != "forward" or pos <= self._last_forward  # a new step (or a no-grad forward) begins
-        warm = self._warm if fresh else set()
+        # between steps only what backward_done loaded for this forward is resident: keep it
+        warm = set(self.resident) if fresh and self.phase == "idle" else set()
         if fresh:
-            self.phase, self._grad_order, self._keep, self._warm = "forward", [], set(), set()
+            self.phase, self._grad_order, self._keep = "forward", [], set()
         self._last_forward = pos
         here = pos in self._is_swapped
         ahead = [p for p in self.swapped if p > pos][: self.prefetch]
@@ -125,5 +125,5 @@ class SwapSchedule:
         head = self.swapped[: self.prefetch + 1] if self.prefetch else []
         evict = sorted(p for p in self.resident if p not in head)
         load = [p for p in head if p not in self.resident]
-        self.resident, self._warm = set(head), set(head)
+        self.resident = set(head)
         return Plan(load=load, evict=evict)

@@ -73,3 +73,10 @@ def test_other_settings_use_transformers_step(monkeypatch):
     BatchedAdafactor(_params(), lr=None, relative_step=True, scale_parameter=True).step()
     BatchedAdafactor(_params(), lr=1e-2, beta1=0.9).step()
     assert len(calls) == 2
+
+
+def test_sparse_gradients_are_refused_like_transformers():
+    p = torch.nn.Parameter(torch.zeros(4, 3))
+    p.grad = torch.zeros(4, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        BatchedAdafactor([p], lr=1e-2).step()

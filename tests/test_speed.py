@@ -2,34 +2,20 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings
 from fluxlora.models import tiny
 from fluxlora.module import FluxLoRAModule
 from fluxlora.speed import SpeedSettings, apply_speed_settings
+from memory_helpers import OPTIM, train_steps
 
 
 def _loss_curve(speed: SpeedSettings, steps: int = 4) -> list[float]:
     transformer = tiny.build()["transformer"]
-    optim = OmegaConf.create({"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
-                              "kwargs": {}, "scheduler": "constant", "warmup_steps": 0})
-    module = FluxLoRAModule(transformer, LoraSettings(rank=4, alpha=4), FlowConfig(), optim, total_steps=steps)
+    module = FluxLoRAModule(transformer, LoraSettings(rank=4, alpha=4), FlowConfig(), OPTIM, total_steps=steps)
     apply_speed_settings(transformer, speed)
-    opt = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    batch = {"latents": torch.randn(2, 4, 8, 8, generator=g), "t5": torch.randn(2, 8, 32, generator=g),
-             "pooled": torch.randn(2, 32, generator=g)}
-    torch.manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        loss = module.flow_loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return train_steps(module, steps)["losses"]
 
 
 BF16_EPS = 2**-8  # the tolerance a bf16 run has anyway
@@ -90,7 +76,7 @@ def test_compiled_blocks_with_block_swap_train_as_eager_and_compile_once_per_blo
     from fluxlora.blockswap import BlockSwapper
     from fluxlora.memory import MemorySettings
     from fluxlora.swap_transfer import HostTransfers
-    from memory_helpers import module_for, train_steps
+    from memory_helpers import module_for
 
     mem = MemorySettings(base_storage="fp8", gradient_checkpointing=gc_on)
     plain = train_steps(module_for(mem, "single"), steps=3)
