@@ -215,6 +215,7 @@ def run_cell(spec: dict) -> dict:
     from fluxlora.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
     from fluxlora.train import build_module, precision_for, settings
+    from fluxlora.speed import uses_cuda_graphs
 
     t_start = time.perf_counter()
     device = torch.device(spec["device"])
@@ -241,6 +242,7 @@ def run_cell(spec: dict) -> dict:
         stage = "setup"
         steps = spec["warm"] + spec["steps"]
         module, swapper = build_module(cfg, transformer, device, compute_dtype, steps)
+        out.update(cuda_graphs=uses_cuda_graphs(transformer), recompute=recompute_kind(transformer))
         dl = torch.utils.data.DataLoader(Batches(dict(transformer.config), spec["res"], int(cfg.model.t5_max_length)),
                                          batch_size=1, shuffle=True, num_workers=0, pin_memory=device.type == "cuda")
         profile_at = steps - 2 if spec.get("profile") else -1
@@ -262,6 +264,16 @@ def run_cell(spec: dict) -> dict:
         out.update(swap_gb_per_step=round(swapper.stats["bytes"] / steps / 1e9, 2),
                    swap_wait_s_per_step=round(swapper.stats["wait_s"] / steps, 4))
     return out | _memory(device)
+
+
+def recompute_kind(transformer: torch.nn.Module) -> str:
+    """How checkpointed blocks recompute: `graph` (inside their compiled backward), `torch` (torch.utils.checkpoint)
+    or `none` (checkpointing off)."""
+    from fluxlora.checkpointing import MARK, checkpoint_every, transformer_blocks
+
+    if not checkpoint_every(transformer):
+        return "none"
+    return "torch" if any(getattr(b, MARK, False) for _, b in transformer_blocks(transformer)) else "graph"
 
 
 def verdict(r: dict) -> dict:

@@ -5,6 +5,11 @@ Prints one JSON line per setting: s/step, images/s, peak memory, MFU (2 × forwa
 input gradients only) and, with --ref, the ratio to bench/ref_diffusers_step.py run in the same process.
 
     python bench/speed.py --res 512 1024 --batch 1 --gc off on --compile 0 1 --ref
+    python bench/speed.py --res 512 1024 --batch 1 2 4 --compile 1 --cudagraphs 0 1 --ref
+
+Our step uses the run's own settings: `memory.gradient_checkpointing` (`--gc on`; recomputed inside the compiled
+blocks unless `--recompute torch`), `speed.cuda_graphs` (`--cudagraphs 1`), and the optimizer from
+`fluxlora.optim.build_optimizer` (fused AdamW on CUDA; `--foreach` for torch's multi-tensor AdamW).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -119,7 +125,8 @@ def fwd_flops(transformer, res: int, batch: int) -> float:
 
 
 def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, precision: str, steps: int,
-             warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False) -> dict:
+             warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
+             cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -129,19 +136,22 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     from fluxlora.module import FluxLoRAModule
     from fluxlora.speed import SpeedSettings, apply_speed_settings
 
+    from torch._dynamo.utils import counters
+
     flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
-    if gc:
-        transformer.enable_gradient_checkpointing()
-    else:
-        transformer.disable_gradient_checkpointing()
-    apply_memory_settings(transformer, MemorySettings(), torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    apply_memory_settings(transformer, MemorySettings(gradient_checkpointing=gc), torch.bfloat16)
     optim = OmegaConf.create({"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
-                              "kwargs": {}, "scheduler": "constant", "warmup_steps": 0})
+                              "kwargs": {"foreach": True} if foreach else {}, "scheduler": "constant",
+                              "warmup_steps": 0})
     module = FluxLoRAModule(transformer, LoraSettings(rank=16, alpha=16, include_modulation=False),
                             FlowConfig(timestep_sampling="sigmoid"), optim, total_steps=steps + warm,
                             compute_dtype=torch.bfloat16, check_finite=check_finite)
-    apply_speed_settings(transformer, SpeedSettings(compile_blocks=bool(compile_blocks),
-                                                    compile_scope="model" if compile_blocks == 2 else "blocks"))
+    decided = apply_speed_settings(
+        transformer, SpeedSettings(compile_blocks=bool(compile_blocks), cuda_graphs=cuda_graphs,
+                                   compile_scope="model" if compile_blocks == 2 else "blocks",
+                                   recompute_in_graph=recompute == "auto"), device="cuda")
     dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
                                      persistent_workers=workers > 0, shuffle=True)
     timer = StepTimer(warm, warm + steps - 2 if profile else -1)
@@ -151,7 +161,10 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     trainer.fit(module, dl)
     dt = (timer.t1 - timer.t0) / steps
     out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
-               check_finite=check_finite,
+               check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
+               recompute="graph" if decided.recompute_in_graph else ("torch" if gc else "none"),
+               optimizer="foreach" if foreach else "fused",
+               cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
@@ -172,8 +185,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, nargs="+", default=[512, 1024])
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--pairs", nargs="+", default=None, metavar="RESxBATCH",
+                    help="only these resolution x batch cells of ours, e.g. 512x4 1024x2 (the reference runs --res)")
     ap.add_argument("--gc", nargs="+", default=["off"], choices=["off", "on"])
     ap.add_argument("--compile", type=int, nargs="+", default=[0], help="0 eager, 1 per-block regions, 2 whole model")
+    ap.add_argument("--cudagraphs", type=int, nargs="+", default=[0], help="speed.cuda_graphs (needs --compile 1)")
+    ap.add_argument("--recompute", default="auto", choices=["auto", "torch"],
+                    help="with --gc on: inside the compiled blocks (auto) or through torch.utils.checkpoint")
+    ap.add_argument("--foreach", action="store_true", help="torch's foreach AdamW instead of the fused one")
     ap.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
@@ -205,24 +224,29 @@ def main() -> None:
                 results.append(d)
         del m
         torch.cuda.empty_cache()
-    for res in args.res:
-        for batch in args.batch:
-            for gc in args.gc:
-                for comp in args.compile:
-                    transformer = build_transformer(args.layers)
-                    try:
-                        d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
-                                     args.warm, peak, args.workers, not args.no_finite_check, args.profile)
-                    except torch.OutOfMemoryError:
-                        d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=bool(comp), error="OOM")
-                    for r in results:
-                        if r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on") and "s_per_step" in r and "s_per_step" in d:
-                            d["ref_s_per_step"] = r["s_per_step"]
-                            d["speedup_vs_ref"] = round(r["s_per_step"] * batch / d["s_per_step"], 2)
-                    print(json.dumps(d), flush=True)
-                    results.append(d)
-                    del transformer
-                    torch.cuda.empty_cache()
+    cells = [(r, b) for r in args.res for b in args.batch]
+    if args.pairs:
+        cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
+    for res, batch in cells:
+        for gc in args.gc:
+            for comp, graphs in [(c, g) for c in args.compile for g in args.cudagraphs if c or not g]:
+                transformer = build_transformer(args.layers)
+                try:
+                    d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
+                                 args.warm, peak, args.workers, not args.no_finite_check, args.profile,
+                                 bool(graphs), args.recompute, args.foreach)
+                except Exception as e:  # an OOM or a failed setting ends its row, not the table
+                    traceback.print_exc()
+                    d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,
+                             cuda_graphs=bool(graphs), error=f"{type(e).__name__}: {str(e)[:300]}")
+                for r in results:
+                    if r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on") and "s_per_step" in r and "s_per_step" in d:
+                        d["ref_s_per_step"] = r["s_per_step"]
+                        d["speedup_vs_ref"] = round(r["s_per_step"] * batch / d["s_per_step"], 2)
+                print(json.dumps(d), flush=True)
+                results.append(d)
+                del transformer
+                torch.cuda.empty_cache()
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "speed.json"), "w") as f:

@@ -2,6 +2,7 @@ r"""TimedSampler: sample images during training on a background thread that can 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import sys
@@ -22,6 +23,7 @@ from fluxlora.distributed import wait_for_rank_zero
 from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
+from fluxlora.speed import eager_blocks
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +254,9 @@ class TimedSampler(L.Callback):
             if between:
                 transformer.eval()
                 vae.to(device)
-            for p in self._prompts:
-                job.images.append(self._renderer.render(p, device, dtype, transformer, job.cancel))
+            with eager_blocks(transformer) if between else contextlib.nullcontext():
+                for p in self._prompts:
+                    job.images.append(self._renderer.render(p, device, dtype, transformer, job.cancel))
             self._dir.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(job.images):
                 _save_png(im, self._dir / f"{self._name}_{job.step:06d}_{i:02d}.png")

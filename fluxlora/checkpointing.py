@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 _STATE = threading.local()
 MARK = "_fluxlora_checkpointed"
+EVERY = "_fluxlora_checkpoint_every"
 
 
 def inside_checkpoint() -> bool:
@@ -68,4 +69,20 @@ def checkpoint_blocks(transformer: torch.nn.Module, every: int = 1) -> list[str]
         if pos % every == 0:
             chosen.append(name)
     transformer.enable_gradient_checkpointing(block_checkpoint_func)
+    setattr(transformer, EVERY, every)
     return chosen
+
+
+def checkpoint_every(transformer: torch.nn.Module) -> int:
+    """The k of `checkpoint_blocks(transformer, k)`, or 0 when the transformer is not checkpointed."""
+    if not getattr(transformer, "gradient_checkpointing", False):
+        return 0
+    return int(getattr(transformer, EVERY, 1))
+
+
+def run_blocks_plainly(transformer: torch.nn.Module) -> None:
+    """Unmark every block: `block_checkpoint_func` then calls them without torch.utils.checkpoint (their compiled
+    graphs recompute in backward instead, `fluxlora.speed`). Checkpointing stays on for `checkpoint_every`."""
+    for _, block in transformer_blocks(transformer):
+        setattr(block, MARK, False)
+    transformer.enable_gradient_checkpointing(block_checkpoint_func)  # also where diffusers' own func was set

@@ -17,6 +17,7 @@ from fluxlora.distributed import agree_max
 from fluxlora.errors import FluxLoraError
 from fluxlora.lora import LoraSettings, inject, lora_parameters
 from fluxlora.optim import build_optimizer, build_scheduler
+from fluxlora.speed import uses_cuda_graphs
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class FluxLoRAModule(L.LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if uses_cuda_graphs(self.transformer):
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead: replay over them
         loss = self.flow_loss(batch)
         if self.check_finite:
             # no host sync here: the flag is read in optimizer_step, once backward is already queued
@@ -112,6 +115,31 @@ class FluxLoRAModule(L.LightningModule):
             self._on_nonfinite(files)
             return  # grads are cleared before the next step; the LoRA weights stay as they were
         optimizer.step()
+
+    @override
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if not uses_cuda_graphs(self.transformer):
+            optimizer.zero_grad(set_to_none=True)
+            return
+        # with CUDA graphs a gradient must not be a graph's output buffer, which the next replay writes over:
+        # gradients get memory of their own before the first backward, and backward accumulates into it
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        optimizer.zero_grad(set_to_none=False)
+
+    @override
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as Lightning does; also for fused optimizers under bf16 (Lightning refuses every fused optimizer
+        under mixed precision because one with a GradScaler unscales inside its step; bf16 has no scaler)."""
+        precision = self.trainer.precision_plugin
+        if (gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False)
+                and getattr(precision, "scaler", None) is None):
+            L.pytorch.plugins.precision.Precision.clip_gradients(
+                precision, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _on_nonfinite(self, files: list[str]) -> None:
         where = f"non-finite loss at step {self.global_step} on batch [{', '.join(files) or '?'}]"

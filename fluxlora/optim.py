@@ -22,6 +22,8 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.opt
     kwargs = dict(cfg.get("kwargs") or {})
     lr = float(cfg.lr)
     if name == "adamw":
+        if "fused" not in kwargs and "foreach" not in kwargs and params and all(p.is_cuda for p in params):
+            kwargs["fused"] = True  # one kernel for all LoRA tensors; foreach launches dozens per step
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=float(cfg.eps),
                                  weight_decay=float(cfg.weight_decay), **kwargs)
     if name == "adamw8bit":
