@@ -75,10 +75,11 @@ class SpeedPlan:
 
 
 def plan(settings: SpeedSettings, device: torch.device | str | None = None, base_storage: str = "none",
-         swapping: bool = False, checkpoint_every: int = 0) -> SpeedPlan:
+         swapping: bool = False, checkpoint_every: int = 0, processes: int = 1) -> SpeedPlan:
     """Resolve `auto` and refuse combinations that cannot work, with the setting to change in the message.
 
-    `checkpoint_every`: `memory.checkpoint_every` when gradient checkpointing is on, else 0.
+    `checkpoint_every`: `memory.checkpoint_every` when gradient checkpointing is on, else 0. `processes`: ranks of
+    the run (`auto` leaves CUDA graphs off under DDP, where they were not measured; `true` still turns them on).
     """
     compile_ = settings.compiles(device, base_storage)
     if swapping and compile_ and settings.compile_scope == "model":
@@ -100,7 +101,7 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
         if bad]
     if graphs_asked and blockers:
         raise ValueError(f"speed.cuda_graphs needs {', '.join(blockers)}")
-    graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers)
+    graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1)
     return SpeedPlan(compile_, in_graph, graphs)
 
 
@@ -174,13 +175,14 @@ def uses_cuda_graphs(transformer: torch.nn.Module) -> bool:
 
 
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False,
-                         device: torch.device | str | None = None, base_storage: str = "none") -> SpeedPlan:
+                         device: torch.device | str | None = None, base_storage: str = "none",
+                         processes: int = 1) -> SpeedPlan:
     """Apply the settings for a run on `device`; `swapping`: block swapping is installed (its hooks must stay
-    outside compiled code); `base_storage`: `memory.base_storage`. Checkpointing (`fluxlora.checkpointing`) must
+    outside compiled code); `base_storage`: `memory.base_storage`; `processes`: ranks of the run. Checkpointing (`fluxlora.checkpointing`) must
     already be applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their graph."""
     from fluxlora.checkpointing import checkpoint_every, run_blocks_plainly
 
-    decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer))
+    decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer), processes)
     if not decided.compile:
         return decided
     options = dict(settings.compile_options) if settings.compile_options else None
