@@ -214,8 +214,8 @@ def run_cell(spec: dict) -> dict:
     from fluxlora.cuda_setup import prepare_cuda
     from fluxlora.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
-    from fluxlora.train import build_module, precision_for, settings
     from fluxlora.speed import uses_cuda_graphs
+    from fluxlora.train import build_module, precision_for, settings
 
     t_start = time.perf_counter()
     device = torch.device(spec["device"])

@@ -129,14 +129,13 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
+    from torch._dynamo.utils import counters
 
     from fluxlora.flow import FlowConfig
     from fluxlora.lora import LoraSettings
     from fluxlora.memory import MemorySettings, apply_memory_settings
     from fluxlora.module import FluxLoRAModule
     from fluxlora.speed import SpeedSettings, apply_speed_settings
-
-    from torch._dynamo.utils import counters
 
     flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
     torch._dynamo.reset()
@@ -240,7 +239,8 @@ def main() -> None:
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,
                              cuda_graphs=bool(graphs), error=f"{type(e).__name__}: {str(e)[:300]}")
                 for r in results:
-                    if r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on") and "s_per_step" in r and "s_per_step" in d:
+                    same = r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on")
+                    if same and "s_per_step" in r and "s_per_step" in d:
                         d["ref_s_per_step"] = r["s_per_step"]
                         d["speedup_vs_ref"] = round(r["s_per_step"] * batch / d["s_per_step"], 2)
                 print(json.dumps(d), flush=True)

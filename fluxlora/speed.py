@@ -177,9 +177,12 @@ def uses_cuda_graphs(transformer: torch.nn.Module) -> bool:
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False,
                          device: torch.device | str | None = None, base_storage: str = "none",
                          processes: int = 1) -> SpeedPlan:
-    """Apply the settings for a run on `device`; `swapping`: block swapping is installed (its hooks must stay
-    outside compiled code); `base_storage`: `memory.base_storage`; `processes`: ranks of the run. Checkpointing (`fluxlora.checkpointing`) must
-    already be applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their graph."""
+    """Apply the settings for a run on `device`; returns what was decided.
+
+    `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
+    `memory.base_storage`; `processes`: ranks of the run. Checkpointing (`fluxlora.checkpointing`) must already be
+    applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled graph.
+    """
     from fluxlora.checkpointing import checkpoint_every, run_blocks_plainly
 
     decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer), processes)
