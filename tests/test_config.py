@@ -29,7 +29,7 @@ def test_12gb_tier_translates_fluxgym_flags():
 
 
 @pytest.mark.parametrize("tier,optim,blocks,swap", [("8gb", "adafactor", "single", 34), ("16gb", "adafactor", "all", 4),
-                                                    ("20gb", "adamw8bit", "all", 0), ("24gb", "adamw", "all", 0)])
+                                                    ("20gb", "adamw", "all", 0), ("24gb", "adamw", "all", 0)])
 def test_every_tier_composes(tier, optim, blocks, swap):
     cfg = _compose(f"+vram={tier}")
     assert cfg.optim.name == optim and cfg.lora.train_blocks == blocks
