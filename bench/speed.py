@@ -6,6 +6,7 @@ input gradients only) and, with --ref, the ratio to bench/ref_diffusers_step.py 
 
     python bench/speed.py --res 512 1024 --batch 1 --gc off on --compile 0 1 --ref
     python bench/speed.py --res 512 1024 --batch 1 2 4 --compile 1 --cudagraphs 0 1 --ref
+    python bench/speed.py --res 512 1024 --compile 1 --cudagraphs 1 --storage fp8 --fp8-matmul 0 1 --ref
 
 Our step uses the run's own settings: `memory.gradient_checkpointing` (`--gc on`; recomputed inside the compiled
 blocks unless `--recompute torch`), `speed.cuda_graphs` (`--cudagraphs 1`), and the optimizer from
@@ -126,7 +127,8 @@ def fwd_flops(transformer, res: int, batch: int) -> float:
 
 def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, precision: str, steps: int,
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
-             cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False) -> dict:
+             cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
+             fp8_matmul: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -140,7 +142,8 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
     torch._dynamo.reset()
     counters.clear()
-    apply_memory_settings(transformer, MemorySettings(gradient_checkpointing=gc), torch.bfloat16)
+    apply_memory_settings(transformer, MemorySettings(base_storage=storage, fp8_matmul=fp8_matmul,
+                                                      gradient_checkpointing=gc), torch.bfloat16, "cuda")
     optim = OmegaConf.create({"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
                               "kwargs": {"foreach": True} if foreach else {}, "scheduler": "constant",
                               "warmup_steps": 0})
@@ -162,7 +165,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
                check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
                recompute="graph" if decided.recompute_in_graph else ("torch" if gc else "none"),
-               optimizer="foreach" if foreach else "fused",
+               optimizer="foreach" if foreach else "fused", storage=storage, fp8_matmul=fp8_matmul,
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -192,6 +195,8 @@ def main() -> None:
     ap.add_argument("--recompute", default="auto", choices=["auto", "torch"],
                     help="with --gc on: inside the compiled blocks (auto) or through torch.utils.checkpoint")
     ap.add_argument("--foreach", action="store_true", help="torch's foreach AdamW instead of the fused one")
+    ap.add_argument("--storage", default="none", choices=["none", "fp8"], help="memory.base_storage of our step")
+    ap.add_argument("--fp8-matmul", type=int, nargs="+", default=[0], help="memory.fp8_matmul (with --storage fp8)")
     ap.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
@@ -228,16 +233,18 @@ def main() -> None:
         cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
     for res, batch in cells:
         for gc in args.gc:
-            for comp, graphs in [(c, g) for c in args.compile for g in args.cudagraphs if c or not g]:
+            for comp, graphs, mm in [(c, g, m) for c in args.compile for g in args.cudagraphs for m in args.fp8_matmul
+                                     if (c or not g) and (args.storage == "fp8" or not m)]:
                 transformer = build_transformer(args.layers)
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
-                                 bool(graphs), args.recompute, args.foreach)
+                                 bool(graphs), args.recompute, args.foreach, args.storage, bool(mm))
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,
-                             cuda_graphs=bool(graphs), error=f"{type(e).__name__}: {str(e)[:300]}")
+                             cuda_graphs=bool(graphs), storage=args.storage, fp8_matmul=bool(mm),
+                             error=f"{type(e).__name__}: {str(e)[:300]}")
                 for r in results:
                     same = r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on")
                     if same and "s_per_step" in r and "s_per_step" in d:

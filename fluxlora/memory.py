@@ -23,6 +23,9 @@ class MemorySettings:
     base_storage: str = "none"
     """`fp8`: the blocks' frozen Linear weights in float8_e4m3fn, upcast per matmul (`fluxlora.fp8`).
     `nf4`: the blocks' Linears in 4-bit NormalFloat (bitsandbytes `Linear4bit`), dequantized per matmul."""
+    fp8_matmul: bool = False
+    """With `fp8` storage: multiply in fp8 on the GPU's fp8 tensor cores (`torch._scaled_mm`, compute capability 8.9+:
+    Ada, Hopper), activations and gradients scaled per row, instead of upcasting each weight to the compute dtype."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward instead of storing them."""
     checkpoint_every: int = 1
@@ -46,6 +49,8 @@ class MemorySettings:
             raise ValueError(f"memory.swap_prefetch must be >= 0, got {self.swap_prefetch}")
         if self.swap_timeout_s <= 0:
             raise ValueError(f"memory.swap_timeout_s must be > 0, got {self.swap_timeout_s}")
+        if self.fp8_matmul and self.base_storage != "fp8":
+            raise ValueError("memory.fp8_matmul needs memory.base_storage=fp8 (the weights it multiplies are fp8)")
         if self.blocks_to_swap and self.base_storage == "nf4":
             raise ValueError("memory.blocks_to_swap with memory.base_storage=nf4 is not supported: "
                              "use fp8 storage with block swapping, or nf4 without it")
@@ -67,7 +72,13 @@ def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings
     if settings.base_storage == "fp8":
         from fluxlora.fp8 import store_fp8
 
-        store_fp8(transformer, compute_dtype)  # LoRA layers added later keep their own dtype
+        if settings.fp8_matmul and device is not None and torch.device(device).type == "cuda":
+            cc = torch.cuda.get_device_capability(device)
+            if cc < (8, 9):
+                raise FluxLoraError(f"memory.fp8_matmul needs fp8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+                                    f"{torch.cuda.get_device_name(device)} has {cc[0]}.{cc[1]}. Set "
+                                    f"memory.fp8_matmul=false")
+        store_fp8(transformer, compute_dtype, settings.fp8_matmul)  # LoRA layers added later keep their own dtype
     elif settings.base_storage == "nf4":
         from fluxlora.quantize import quantize_blocks_nf4
 

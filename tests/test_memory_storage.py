@@ -16,15 +16,21 @@ from memory_helpers import batch, module_for, small_flux
 # Measured on the small Flux (fp32 compute on the CPU), relative to fp32 storage: prediction error bf16 0.6 %,
 # fp8 0.9 % (every block Linear in fp8, embedders not), NF4 1.7 %; loss error fp8 <= 0.03 %, NF4 <= 0.06 % (the loss
 # is dominated by the noise target); LoRA gradient error fp8 4.1 %, NF4 13 % (3 seeds). The tolerances below leave
-# at least 2x room over those.
-PRED_RTOL = {"bf16": 0.015, "fp8": 0.05, "nf4": 0.05}
+# at least 2x room over those. fp8 with fp8 matmuls (`fp8mm`, torch._scaled_mm on the CPU): prediction 1.2 %, loss
+# <= 0.04 %, LoRA gradients 5.1-5.5 % (3 seeds).
+PRED_RTOL = {"bf16": 0.015, "fp8": 0.05, "fp8mm": 0.05, "nf4": 0.05}
 LOSS_RTOL = 0.005
-GRAD_RTOL = {"fp8": 0.12, "nf4": 0.25}
+GRAD_RTOL = {"fp8": 0.12, "fp8mm": 0.12, "nf4": 0.25}
+
+
+def _settings(storage: str) -> MemorySettings:
+    """`fp8mm`: fp8 storage multiplied in fp8; else memory.base_storage."""
+    return MemorySettings(base_storage="fp8", fp8_matmul=True) if storage == "fp8mm" else MemorySettings(storage)
 
 
 def _prediction(storage: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     model = small_flux(0, dtype)
-    apply_memory_settings(model, MemorySettings(base_storage=storage), dtype)
+    apply_memory_settings(model, _settings(storage), dtype)
     g = torch.Generator().manual_seed(0)
     x, t5, pooled = torch.randn(2, 16, 16, generator=g), torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g)
     with torch.no_grad():
@@ -38,7 +44,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("storage", ["bf16", "fp8", "nf4"])
+@pytest.mark.parametrize("storage", ["bf16", "fp8", "fp8mm", "nf4"])
 def test_prediction_matches_full_precision(storage):
     ref = _prediction("none")
     got = _prediction("none", torch.bfloat16) if storage == "bf16" else _prediction(storage)
@@ -46,7 +52,7 @@ def test_prediction_matches_full_precision(storage):
     assert 0 < err < PRED_RTOL[storage], f"{storage}: relative prediction error {err:.4f}"
 
 
-@pytest.mark.parametrize("storage", ["fp8", "nf4"])
+@pytest.mark.parametrize("storage", ["fp8", "fp8mm", "nf4"])
 def test_loss_and_lora_grads_match_full_precision(storage):
     def step(mem):
         module = module_for(mem)
@@ -57,7 +63,7 @@ def test_loss_and_lora_grads_match_full_precision(storage):
         return loss.item(), grad
 
     ref_loss, ref_grad = step(MemorySettings())
-    loss, grad = step(MemorySettings(base_storage=storage))
+    loss, grad = step(_settings(storage))
     assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL)
     assert torch.isfinite(grad).all() and _rel(grad, ref_grad) < GRAD_RTOL[storage]
 
@@ -88,6 +94,7 @@ def test_nf4_without_bitsandbytes_is_a_clear_error(monkeypatch):
     ({"base_storage": "int8"}, "base_storage"), ({"checkpoint_every": 0}, "checkpoint_every"),
     ({"blocks_to_swap": -1}, "blocks_to_swap"), ({"swap_prefetch": -1}, "swap_prefetch"),
     ({"swap_timeout_s": 0}, "swap_timeout_s"), ({"blocks_to_swap": 4, "base_storage": "nf4"}, "nf4"),
+    ({"fp8_matmul": True}, "fp8_matmul needs memory.base_storage=fp8"),
 ])
 def test_settings_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -134,3 +141,40 @@ def test_fp8_covers_every_block_linear_and_autograd_keeps_only_the_fp8_weight():
     torch.nn.functional.linear(x2, layer.weight.to(torch.bfloat16), layer.bias).sum().backward()
     torch.testing.assert_close(y, torch.nn.functional.linear(x2, layer.weight.to(torch.bfloat16), layer.bias))
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_fp8_matmul_multiplies_in_fp8_and_is_refused_without_fp8_tensor_cores(monkeypatch):
+    from fluxlora.fp8 import Fp8Linear
+
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    module = module_for(MemorySettings(base_storage="fp8", fp8_matmul=True))
+    assert all(m.fp8_matmul for m in module.transformer.modules() if isinstance(m, Fp8Linear))
+    loss = module.flow_loss(batch(0))
+    n = sum(isinstance(m, Fp8Linear) for m in module.transformer.modules())
+    assert len(calls) == n  # every block Linear in forward
+    loss.backward()
+    assert len(calls) > 1.5 * n  # and in backward, wherever its input needs a gradient
+    assert set(calls) == {torch.float8_e4m3fn}
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # an RTX 3090
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    with pytest.raises(FluxLoraError, match="fp8_matmul needs fp8 tensor cores.*RTX 3090 has 8.6"):
+        apply_memory_settings(small_flux(), MemorySettings(base_storage="fp8", fp8_matmul=True), torch.bfloat16,
+                              torch.device("cuda", 0))
+
+
+@pytest.mark.slow
+def test_fp8_matmul_compiles_with_recompute_in_graph_and_trains_as_eager():
+    from fluxlora.speed import SpeedSettings, apply_speed_settings
+    from memory_helpers import train_steps
+
+    mem = MemorySettings(base_storage="fp8", fp8_matmul=True, gradient_checkpointing=True)
+    plain = train_steps(module_for(mem), steps=2)
+    torch._dynamo.reset()
+    module = module_for(mem)
+    assert apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True)).recompute_in_graph
+    compiled = train_steps(module, steps=2)
+    assert compiled["losses"] == pytest.approx(plain["losses"], rel=2**-8)
+    assert plain["losses"][1] != plain["losses"][0]
