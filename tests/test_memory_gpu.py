@@ -91,44 +91,41 @@ def test_nf4_trains_on_the_gpu():
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
+def _run_lora(make_cfg, name: str, *overrides: str) -> dict:
+    """A 4-step GPU run of the tiny model with `overrides`; the LoRA file it wrote."""
     from safetensors.torch import load_file
 
     from fluxlora.train import run
 
-    files = []
-    for swap in (0, 2):
-        cfg = make_cfg("trainer.accelerator=gpu", "trainer.max_steps=4", "~callbacks.sampler",
-                       f"memory.blocks_to_swap={swap}", "memory.base_storage=fp8",
-                       "memory.gradient_checkpointing=true", f"name=swap{swap}")
-        run(cfg)
-        files.append(load_file(str(Path(cfg.output.dir) / f"swap{swap}.safetensors")))
-    plain, swapped = files
-    assert plain.keys() == swapped.keys()
-    for k in plain:
-        torch.testing.assert_close(swapped[k].float(), plain[k].float(), rtol=BF16_RTOL, atol=1e-3)
+    cfg = make_cfg("trainer.accelerator=gpu", "trainer.max_steps=4", "~callbacks.sampler", "memory.base_storage=fp8",
+                   *overrides, f"name={name}")
+    run(cfg)
+    return load_file(str(Path(cfg.output.dir) / f"{name}.safetensors"))
+
+
+def _assert_same_lora(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), rtol=BF16_RTOL, atol=1e-3)
+
+
+def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
+    plain = _run_lora(make_cfg, "swap0", "memory.blocks_to_swap=0", "memory.gradient_checkpointing=true")
+    swapped = _run_lora(make_cfg, "swap2", "memory.blocks_to_swap=2", "memory.gradient_checkpointing=true")
+    _assert_same_lora(swapped, plain)
 
 
 @pytest.mark.parametrize("gc_on", [False, True])
 def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on):
     """Compiled blocks replaying CUDA graphs (with checkpointing recomputed inside the graph when on) train the
     LoRA that eager blocks train, through the whole run (Lightning's loop, gradient clipping, fused AdamW)."""
-    from safetensors.torch import load_file
-
     from fluxlora.speed import uses_cuda_graphs
-    from fluxlora.train import build_module, run
+    from fluxlora.train import build_module
 
-    files = []
-    for compiled in (False, True):
-        cfg = make_cfg("trainer.accelerator=gpu", "trainer.max_steps=4", "~callbacks.sampler",
-                       "memory.base_storage=fp8", f"memory.gradient_checkpointing={gc_on}",
-                       f"speed.compile_blocks={compiled}", "speed.cuda_graphs=auto", f"name=graphs{compiled}")
-        if compiled:  # the settings a run resolves to on this GPU
-            module, _ = build_module(cfg, tiny.build()["transformer"], torch.device("cuda"), torch.bfloat16, 4)
-            assert uses_cuda_graphs(module.transformer)
-        run(cfg)
-        files.append(load_file(str(Path(cfg.output.dir) / f"graphs{compiled}.safetensors")))
-    eager, graphs = files
-    assert eager.keys() == graphs.keys()
-    for k in eager:
-        torch.testing.assert_close(graphs[k].float(), eager[k].float(), rtol=BF16_RTOL, atol=1e-3)
+    common = (f"memory.gradient_checkpointing={gc_on}", "speed.cuda_graphs=auto")
+    cfg = make_cfg("trainer.accelerator=gpu", *common, "speed.compile_blocks=true")
+    module, _ = build_module(cfg, tiny.build()["transformer"], torch.device("cuda"), torch.bfloat16, 4)
+    assert uses_cuda_graphs(module.transformer)  # what a run resolves to on this GPU
+    eager = _run_lora(make_cfg, "eager", *common, "speed.compile_blocks=false")
+    graphs = _run_lora(make_cfg, "graphs", *common, "speed.compile_blocks=true")
+    _assert_same_lora(graphs, eager)
