@@ -101,13 +101,17 @@ def count_devices(devices: Any, device: torch.device) -> int:
         raise FluxLoraError(f"trainer.devices={devices!r}: {e}") from None
 
 
+def requested_processes(cfg: Any, device: torch.device) -> tuple[int, int]:
+    """(processes per machine, machines) that `trainer.devices` and `trainer.num_nodes` ask for."""
+    return count_devices(cfg.trainer.get("devices", 1), device), int(cfg.trainer.get("num_nodes") or 1)
+
+
 def rank_info(cfg: Any, device: torch.device) -> RankInfo:
     """This process's rank, from the same cluster environments (and in the same order) Lightning will use."""
     from lightning.fabric.plugins.environments import (LightningEnvironment, LSFEnvironment, MPIEnvironment,
                                                        SLURMEnvironment, TorchElasticEnvironment)
 
-    devices = count_devices(cfg.trainer.get("devices", 1), device)
-    nodes = int(cfg.trainer.get("num_nodes") or 1)
+    devices, nodes = requested_processes(cfg, device)
     if devices * nodes == 1:
         return RankInfo(0, 0, 1, 1, 1, "single", False)
     for name, env_type in (("torchelastic", TorchElasticEnvironment), ("slurm", SLURMEnvironment),

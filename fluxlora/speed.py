@@ -142,11 +142,17 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
     return n
 
 
+def _compiled_forwards(module: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """(submodule, its compiled `forward`) for every submodule whose forward `compile_blocks` replaced."""
+    return [(m, fn) for m in module.modules()
+            if hasattr(fn := m.__dict__.get("forward"), "_torchdynamo_orig_callable")]
+
+
 def uncompiled(module: torch.nn.Module) -> None:
     """Drop compiled calls from `module` and its children (a deep copy would otherwise run the original's)."""
+    for m, _ in _compiled_forwards(module):
+        del m.__dict__["forward"]
     for m in module.modules():
-        if hasattr(m.__dict__.get("forward"), "_torchdynamo_orig_callable"):
-            del m.__dict__["forward"]
         m._compiled_call_impl = None
     module.__dict__.pop("_fluxlora_cuda_graphs", None)
 
@@ -155,16 +161,13 @@ def uncompiled(module: torch.nn.Module) -> None:
 def eager_blocks(module: torch.nn.Module) -> Iterator[None]:
     """Run `module`'s regionally compiled blocks uncompiled inside the `with` (sampling between steps: inference
     shapes would otherwise compile, and record CUDA graphs, next to the training ones); they are put back after."""
-    saved = {}
-    for m in module.modules():
-        fn = m.__dict__.get("forward")
-        if hasattr(fn, "_torchdynamo_orig_callable"):
-            saved[m] = fn
-            del m.__dict__["forward"]
+    saved = _compiled_forwards(module)
+    for m, _ in saved:
+        del m.__dict__["forward"]
     try:
         yield
     finally:
-        for m, fn in saved.items():
+        for m, fn in saved:
             m.forward = fn
 
 

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fluxlora.callbacks import StepHeartbeatWatchdog, heartbeat
 from fluxlora.cuda_setup import prepare_cuda
 from fluxlora.data import FluxDataModule
-from fluxlora.distributed import (DistributedSettings, RankInfo, build_strategy, count_devices,
-                                  is_collective_failure, rank_info)
+from fluxlora.distributed import (DistributedSettings, RankInfo, build_strategy, is_collective_failure,
+                                  rank_info, requested_processes)
 from fluxlora.encode import cache_encoder, move_encoders
 from fluxlora.errors import FluxLoraError, RankFailedError, RunInterrupted
 from fluxlora.flow import FlowConfig
@@ -144,9 +144,9 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
     speed = settings(SpeedSettings, cfg.speed) if cfg.get("speed") is not None else SpeedSettings()
     try:
-        processes = count_devices(cfg.trainer.get("devices", 1), device) * int(cfg.trainer.get("num_nodes") or 1)
+        devices, nodes = requested_processes(cfg, device)
         apply_speed_settings(transformer, speed, swapping=swapper is not None, device=device,
-                             base_storage=memory.base_storage, processes=processes)
+                             base_storage=memory.base_storage, processes=devices * nodes)
     except ValueError as e:
         raise FluxLoraError(str(e)) from e
     return module, swapper
