@@ -71,7 +71,11 @@ def test_block_swap_trains_the_same_lora_on_the_gpu(gc_on):
     start, plain, _ = _train(plain_mem)
     _, swapped, swapper = _train(swap_mem)
     assert swapper is not None and swapper.stats["loads"] >= 4 * len(swapper.swapped)
-    assert all(m._parameters[p] is None for sb in swapper.swapped.values() for m, p, _ in sb.slots)
+    # off the device after the run, except the next step's first blocks, which load when backward ends
+    warm = set(swapper.schedule.swapped[: swapper.schedule.prefetch + 1])
+    assert swapper.schedule.resident <= warm
+    assert all(m._parameters[p] is None for pos, sb in swapper.swapped.items() if pos not in warm
+               for m, p, _ in sb.slots)
     assert _delta_error(start, swapped, plain) < BF16_RTOL
 
 
