@@ -125,10 +125,30 @@ def fwd_flops(transformer, res: int, batch: int) -> float:
     return fc.get_total_flops()
 
 
+KERNEL_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "scaled_mm", "cublas")), ("attention", ("flash", "fmha", "attention")),
+                ("optimizer", ("multi_tensor", "adam")), ("fused (triton)", ("triton_",)))
+
+
+def kernel_split(key_averages) -> dict:
+    """Device time per step (of the two profiled steps) by kernel kind, and the GPU time inside compiled graphs
+    (Inductor's `## Call CompiledFxGraph` ranges, which overlap the kernels: not added to them)."""
+    split: dict[str, float] = {}
+    for e in key_averages:
+        if e.device_type.name != "CUDA" or not e.self_device_time_total:
+            continue
+        name = e.key.lower()
+        if name.startswith("## "):
+            kind = "in compiled graphs (overlaps)"
+        else:
+            kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        split[kind] = split.get(kind, 0.0) + e.self_device_time_total / 2 / 1e6
+    return {k: round(v, 4) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
+
+
 def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, precision: str, steps: int,
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
-             fp8_matmul: bool = False) -> dict:
+             fp8_matmul: bool = False, skip_module_guards: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -153,7 +173,9 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     decided = apply_speed_settings(
         transformer, SpeedSettings(compile_blocks=bool(compile_blocks), cuda_graphs=cuda_graphs,
                                    compile_scope="model" if compile_blocks == 2 else "blocks",
-                                   recompute_in_graph=recompute == "auto"), device="cuda")
+                                   recompute_in_graph=recompute == "auto",
+                                   compile_options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                                   if skip_module_guards else None), device="cuda")
     dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
                                      persistent_workers=workers > 0, shuffle=True)
     timer = StepTimer(warm, warm + steps - 2 if profile else -1)
@@ -166,6 +188,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
                check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
                recompute="graph" if decided.recompute_in_graph else ("torch" if gc else "none"),
                optimizer="foreach" if foreach else "fused", storage=storage, fp8_matmul=fp8_matmul,
+               skip_module_guards=skip_module_guards,
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
@@ -176,6 +199,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
         cpu = sum(e.self_cpu_time_total for e in ka) / 2 / 1e6
         gpu = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA") / 2 / 1e6
         print(f"profile (last 2 steps): host {cpu:.3f} s/step, device kernels {gpu:.3f} s/step", flush=True)
+        print(json.dumps({"kernel_split_s_per_step": kernel_split(ka)}), flush=True)
         print(ka.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70), flush=True)
         print(ka.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
     del trainer, module
@@ -197,6 +221,8 @@ def main() -> None:
     ap.add_argument("--foreach", action="store_true", help="torch's foreach AdamW instead of the fused one")
     ap.add_argument("--storage", default="none", choices=["none", "fp8"], help="memory.base_storage of our step")
     ap.add_argument("--fp8-matmul", type=int, nargs="+", default=[0], help="memory.fp8_matmul (with --storage fp8)")
+    ap.add_argument("--skip-module-guards", action="store_true",
+                    help="compile with torch.compiler.skip_guard_on_all_nn_modules_unsafe (less guard time per call)")
     ap.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
@@ -239,7 +265,8 @@ def main() -> None:
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
-                                 bool(graphs), args.recompute, args.foreach, args.storage, bool(mm))
+                                 bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
+                                 args.skip_module_guards)
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,

@@ -78,6 +78,15 @@ class Fp8Linear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Fp8Matmul.apply(x, self.weight, self.bias, self.compute_dtype, self.fp8_matmul)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Keep the weight in fp8 through `module.to(dtype)`: Lightning's `bf16-true` precision casts the whole
+        model (fp8 counts as floating point), which would silently double the base's memory. fp8 -> bf16 -> fp8 is
+        exact, and only one layer's weight is upcast at a time."""
+        super()._apply(fn, recurse)
+        if self.weight.dtype != FP8:
+            self.weight.data = self.weight.data.to(FP8)
+        return self
+
 
 def fp8_linear_names(transformer: torch.nn.Module) -> list[str]:
     """Names of the Linears `store_fp8` converts: every plain Linear inside a double or single block."""

@@ -135,7 +135,9 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
     n = 0
     for name in ("transformer_blocks", "single_transformer_blocks"):
         for block in getattr(transformer, name, []):
-            fn = torch.compile(block.forward, mode=mode, options=options, dynamic=False)
+            # a copy each: torch.compile pops keys (guard_filter_fn) from the dict it is given
+            fn = torch.compile(block.forward, mode=mode, options=None if options is None else dict(options),
+                               dynamic=False)
             block.forward = fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
             n += 1
     log.info("regional torch.compile on %d blocks (mode=%s, options=%s)", n, mode, options)

@@ -178,3 +178,20 @@ def test_fp8_matmul_compiles_with_recompute_in_graph_and_trains_as_eager():
     compiled = train_steps(module, steps=2)
     assert compiled["losses"] == pytest.approx(plain["losses"], rel=2**-8)
     assert plain["losses"][1] != plain["losses"][0]
+
+
+def test_fp8_weights_stay_fp8_when_lightning_casts_the_model_for_bf16_true():
+    """Lightning's `bf16-true` calls `module.to(torch.bfloat16)`; fp8 counts as floating point, so without a guard the
+    base would silently be upcast to bf16 (twice the memory, and fp8 matmuls fed a bf16 weight)."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from fluxlora.fp8 import FP8, Fp8Linear
+
+    module = module_for(MemorySettings(base_storage="fp8"))
+    layers = [m for m in module.transformer.modules() if isinstance(m, Fp8Linear)]
+    before = layers[0].weight.detach().clone()
+    HalfPrecision("bf16-true").convert_module(module)
+    assert layers and all(m.weight.dtype == FP8 for m in layers)
+    assert torch.equal(layers[0].weight.view(torch.uint8), before.view(torch.uint8))  # the round trip is exact
+    lora = [p for p in module.transformer.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.bfloat16 for p in lora)  # the rest is cast as Lightning means it to be
