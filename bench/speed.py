@@ -125,8 +125,10 @@ def fwd_flops(transformer, res: int, batch: int) -> float:
     return fc.get_total_flops()
 
 
-KERNEL_KINDS = (("gemm", ("nvjet", "gemm", "cutlass", "xmma", "scaled_mm", "cublas")), ("attention", ("flash", "fmha", "attention")),
-                ("optimizer", ("multi_tensor", "adam")), ("fused (triton)", ("triton_",)))
+KERNEL_KINDS = (("attention", ("flash", "fmha", "attention")), ("fused (triton)", ("triton_",)),
+                ("gemm", ("nvjet", "gemm", "cutlass", "xmma", "scaled_mm", "cublas")),
+                ("optimizer", ("multi_tensor", "adam")))
+"""Kernel kinds by name, first match wins (flash kernels' template names mention cutlass)."""
 
 
 def kernel_split(key_averages) -> dict:
