@@ -2,9 +2,9 @@
 otherwise): block swapping trains the same LoRA as without it within bf16 tolerance, through the real CUDA backend
 (pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.train.run`.
 With fluxlora installed from a wheel rather than editable, run `python -P -m pytest` so the checkout's bare
-`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. 5 passed on the H100,
-2026-11-25, before `speed.recompute_in_graph` and `speed.cuda_graphs` existed; the CUDA-graph test below has not run
-on a GPU yet."""
+`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. All 7 passed on the H100
+(2026-11-25, with `speed.recompute_in_graph` and `speed.cuda_graphs`): 6 in one device call, and the bare-loop swap
+test, whose check of what stays on the device was then corrected, in the next."""
 
 from __future__ import annotations
 
