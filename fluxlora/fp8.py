@@ -81,9 +81,9 @@ class Fp8Linear(torch.nn.Linear):
     def _apply(self, fn, recurse: bool = True):
         """Keep the weight in fp8 through `module.to(dtype)`: Lightning's `bf16-true` precision casts the whole
         model (fp8 counts as floating point), which would silently double the base's memory. fp8 -> bf16 -> fp8 is
-        exact, and only one layer's weight is upcast at a time."""
+        exact, and only one layer's weight is upcast at a time. A swapped-out weight (None) is left alone."""
         super()._apply(fn, recurse)
-        if self.weight.dtype != FP8:
+        if self.weight is not None and self.weight.dtype != FP8:
             self.weight.data = self.weight.data.to(FP8)
         return self
 

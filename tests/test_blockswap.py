@@ -333,3 +333,20 @@ def test_lightning_fit_with_swapping_ends_with_the_same_lora():
 
     plain, swapped = fit(False), fit(True)
     assert plain.keys() == swapped.keys() and all(torch.equal(plain[n], swapped[n]) for n in plain)
+
+
+def test_a_swapped_fp8_model_survives_moves_and_lightnings_bf16_true_cast():
+    """Lightning moves the model to its device and, under `bf16-true`, casts it; swapped-out fp8 weights are None in
+    their modules then, and stay so (their host copies keep fp8)."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    from fluxlora.fp8 import FP8
+
+    module = module_for(MemorySettings(base_storage="fp8"))
+    swapper = _swapped(module)
+    module.to("cpu")
+    HalfPrecision("bf16-true").convert_module(module)
+    slots = [(mod, p) for sb in swapper.swapped.values() for mod, p, _ in sb.slots]
+    assert slots and all(mod._parameters[p] is None for mod, p in slots)
+    assert all(t.dtype == FP8 for sb in swapper.swapped.values() for k, t in sb.host.items() if k.endswith("weight")
+               and t.dim() == 2)
