@@ -211,6 +211,7 @@ def run_cell(spec: dict) -> dict:
     import lightning as L
     from omegaconf import open_dict
 
+    from fluxlora.checkpointing import recompute_kind
     from fluxlora.cuda_setup import prepare_cuda
     from fluxlora.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
@@ -264,16 +265,6 @@ def run_cell(spec: dict) -> dict:
         out.update(swap_gb_per_step=round(swapper.stats["bytes"] / steps / 1e9, 2),
                    swap_wait_s_per_step=round(swapper.stats["wait_s"] / steps, 4))
     return out | _memory(device)
-
-
-def recompute_kind(transformer: torch.nn.Module) -> str:
-    """How checkpointed blocks recompute: `graph` (inside their compiled backward), `torch` (torch.utils.checkpoint)
-    or `none` (checkpointing off)."""
-    from fluxlora.checkpointing import MARK, checkpoint_every, transformer_blocks
-
-    if not checkpoint_every(transformer):
-        return "none"
-    return "torch" if any(getattr(b, MARK, False) for _, b in transformer_blocks(transformer)) else "graph"
 
 
 def verdict(r: dict) -> dict:

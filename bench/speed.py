@@ -155,6 +155,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
 
+    from fluxlora.checkpointing import recompute_kind
     from fluxlora.flow import FlowConfig
     from fluxlora.lora import LoraSettings
     from fluxlora.memory import MemorySettings, apply_memory_settings
@@ -188,7 +189,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     dt = (timer.t1 - timer.t0) / steps
     out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
                check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
-               recompute="graph" if decided.recompute_in_graph else ("torch" if gc else "none"),
+               recompute=recompute_kind(transformer),
                optimizer="foreach" if foreach else "fused", storage=storage, fp8_matmul=fp8_matmul,
                skip_module_guards=skip_module_guards,
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),

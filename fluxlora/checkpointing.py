@@ -86,3 +86,11 @@ def run_blocks_plainly(transformer: torch.nn.Module) -> None:
     for _, block in transformer_blocks(transformer):
         setattr(block, MARK, False)
     transformer.enable_gradient_checkpointing(block_checkpoint_func)  # also where diffusers' own func was set
+
+
+def recompute_kind(transformer: torch.nn.Module) -> str:
+    """How checkpointed blocks recompute: `graph` (inside their compiled backward, `run_blocks_plainly`), `torch`
+    (torch.utils.checkpoint) or `none` (checkpointing off). Benchmarks report it per run."""
+    if not checkpoint_every(transformer):
+        return "none"
+    return "torch" if any(getattr(b, MARK, False) for _, b in transformer_blocks(transformer)) else "graph"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxlora.checkpointing import checkpoint_blocks, inside_checkpoint
+from fluxlora.checkpointing import checkpoint_blocks, inside_checkpoint, recompute_kind, run_blocks_plainly
 from fluxlora.memory import MemorySettings
 from memory_helpers import assert_same, module_for, small_flux, train_steps
 
@@ -43,3 +43,11 @@ def test_checkpointed_blocks_run_marked_in_forward_and_recomputation():
 def test_checkpoint_every_must_be_positive():
     with pytest.raises(ValueError, match="checkpoint_every"):
         checkpoint_blocks(torch.nn.Module(), 0)
+
+
+def test_recompute_kind_reports_how_checkpointed_blocks_recompute():
+    assert recompute_kind(module_for(MemorySettings()).transformer) == "none"
+    transformer = module_for(MemorySettings(gradient_checkpointing=True)).transformer
+    assert recompute_kind(transformer) == "torch"
+    run_blocks_plainly(transformer)  # what speed.recompute_in_graph does before compiling
+    assert recompute_kind(transformer) == "graph"
