@@ -19,7 +19,9 @@ import torch
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_open
+from fluxlora.cuda_setup import available_memory, memory_limit
 from fluxlora.distributed import wait_for_rank_zero
+from fluxlora.encode import VAE_DECODE_BYTES_PER_PIXEL
 from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
@@ -44,6 +46,8 @@ class SampleRound:
     error: Optional[BaseException] = None
     collected: bool = False
     abandoned: bool = False
+    started: float = field(default_factory=time.monotonic)
+    finished: Optional[float] = None
 
     @property
     def alive(self) -> bool:
@@ -159,6 +163,7 @@ class TimedSampler(L.Callback):
         self._due_step = -1
         self.mode: Optional[str] = None  # resolved at the first round
         self.rounds: list[Path] = []
+        self.round_seconds: dict[int, float] = {}  # step -> how long its round took, start to last image written
         self.skipped: list[int] = []
         self.abandoned: list[int] = []
 
@@ -166,10 +171,11 @@ class TimedSampler(L.Callback):
     def enabled(self) -> bool:
         return self._mode != "off" and bool(self._prompts) and (self._every > 0 or self._at_start or self._at_end)
 
-    def prepare(self, components: Any, device: torch.device, max_length: int) -> None:
-        """Encode the prompts now, while the text encoders are on `device`."""
+    def prepare(self, components: Any, encoders: Any) -> None:
+        """Encode the prompts now, before training, with `encoders.texts` (`fluxlora.encode.StagedEncoders`: a
+        CLIP-L stage then a T5 stage); rounds render from these encodings."""
         if self.enabled:
-            self._renderer = SampleRenderer(components, self._prompts, device, max_length)
+            self._renderer = SampleRenderer(components, self._prompts, encoders.texts)
 
     # ---- rounds ----
 
@@ -236,11 +242,13 @@ class TimedSampler(L.Callback):
         vae = self._renderer.c.vae
         size = torch.empty((), dtype=pl_module.compute_dtype).element_size()
         need = sum(t.numel() * size for m in (pl_module.transformer, vae) for t in (*m.parameters(), *m.buffers()))
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        # the largest sample's decode too: in thread mode it runs beside a training step
+        need += max(p.width * p.height for p in self._prompts) * VAE_DECODE_BYTES_PER_PIXEL
+        free = available_memory(device)  # the process's real limit: a memory budget caps it below the card's
         self.mode = choose_mode(device, need, free, self._margin)
         if device.type == "cuda":
-            log.info("sampling mode %s: %.1f GiB free, a sampling copy needs %.1f GiB + %.1f GiB margin", self.mode,
-                     free / _GiB, need / _GiB, self._margin / _GiB)
+            log.info("sampling mode %s: %.1f GiB free under this process's limit, a sampling copy needs %.1f GiB + "
+                     "%.1f GiB margin", self.mode, free / _GiB, need / _GiB, self._margin / _GiB)
             if self.mode == "thread":
                 vae.to(device)
 
@@ -267,6 +275,7 @@ class TimedSampler(L.Callback):
         except BaseException as e:  # reported by the training thread when it collects the round
             job.error = e
         finally:
+            job.finished = time.monotonic()
             if between:
                 vae.to(vae_device)
                 if not job.abandoned:
@@ -293,11 +302,18 @@ class TimedSampler(L.Callback):
         job.collected = True
         if job.abandoned:
             log.warning("the abandoned sampling round of step %d ended after all", job.step)
+        elif isinstance(job.error, torch.OutOfMemoryError):
+            self._renderer = None  # every later round would run out the same way
+            log.warning("sampling switched off: the round of step %d ran out of GPU memory%s; training goes on "
+                        "(smaller samples, --w/--h in the prompts, or sample.mode=off)", job.step,
+                        _memory_in_use(_device_of(trainer)))
         elif job.error is not None:
             log.error("sampling at step %d failed: %s: %s", job.step, type(job.error).__name__, job.error)
         elif job.grid_path is not None:
             self.rounds.append(job.grid_path)
-            log.info("samples at step %d: %s", job.step, job.grid_path)
+            self.round_seconds[job.step] = (job.finished or time.monotonic()) - job.started
+            log.info("samples at step %d: %s (%.1fs, %s mode)", job.step, job.grid_path, self.round_seconds[job.step],
+                     self.mode)
             if trainer is not None:
                 self._log_images(trainer, job)
 
@@ -364,6 +380,18 @@ class TimedSampler(L.Callback):
         if self._job is not None and self._job.alive:
             self._job.cancel.set()
         self._model = None
+
+
+def _device_of(trainer: Optional[L.Trainer]) -> Optional[torch.device]:
+    return trainer.strategy.root_device if trainer is not None else None
+
+
+def _memory_in_use(device: Optional[torch.device]) -> str:
+    """' (X of Y GiB in use)' on a CUDA device, else ''."""
+    limit = memory_limit(device) if device is not None else None
+    if limit is None:
+        return ""
+    return f" ({torch.cuda.memory_reserved(device) / _GiB:.2f} of {limit / _GiB:.2f} GiB in use)"
 
 
 def _save_png(image: Any, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Process-wide CUDA settings a training run needs before it allocates: one place, applied once."""
+"""Process-wide CUDA settings a training run needs before it allocates, and the memory limit it then runs under:
+one place, applied once."""
 
 from __future__ import annotations
 
@@ -9,15 +10,25 @@ import torch
 
 log = logging.getLogger(__name__)
 
+GiB = 1 << 30
+CONTEXT_RESERVE = 1 * GiB
+"""What a memory budget leaves outside the allocator: the CUDA context, cuBLAS/cuDNN workspaces and the driver's own
+use. On the H200 nvidia-smi read 0.6-0.7 GiB above the allocator's peak reserved memory (11,717 MiB against 10.97
+GiB, issue 14's table), so a process capped at budget - 1 GiB fits a card of `budget` GiB."""
 
-def prepare_cuda(device: torch.device) -> None:
+_caps: dict[int, int] = {}  # device index -> bytes the allocator was capped at by `cap_memory`
+
+
+def prepare_cuda(device: torch.device, budget_gb: float | None = None) -> None:
     """On a CUDA device:
 
     - cuDNN's SDPA kernels are switched off: their backward fails on diffusers' Flux attention with torch 2.11 on
       the H100 (`mha_graph.execute(...).is_good()`, or NaN), and flash / memory-efficient attention serve instead;
     - the caching allocator grows expandable segments unless `PYTORCH_CUDA_ALLOC_CONF` says otherwise: block
       swapping allocates and frees a block's weights every step, which fragments fixed segments by up to 2 GiB
-      at 1024 px (measured on the H100) — the difference between fitting a 12 GB card and not.
+      at 1024 px (measured on the H100) — the difference between fitting a 12 GB card and not;
+    - with `budget_gb` (`memory.budget_gb`, set by every tier) the allocator is capped so the process behaves as it
+      would on a card of that size (`cap_memory`).
     """
     if torch.device(device).type != "cuda":
         return
@@ -27,3 +38,49 @@ def prepare_cuda(device: torch.device) -> None:
         set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
         (set_settings or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
         log.debug("CUDA allocator: expandable segments")
+    if budget_gb:
+        cap_memory(device, float(budget_gb))
+
+
+def cap_memory(device: torch.device, budget_gb: float) -> int:
+    """Cap this process's allocator at `budget_gb` GiB - `CONTEXT_RESERVE` (never above the card); returns the cap.
+
+    `torch.cuda.mem_get_info` does not see the cap (measured on the H200), so the cap is recorded here and
+    `memory_limit` is what the rest of fluxlora reads.
+    """
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = min(total, int(budget_gb * GiB) - CONTEXT_RESERVE)
+    if cap <= 0:
+        raise ValueError(f"memory.budget_gb={budget_gb:g} leaves nothing after the {CONTEXT_RESERVE / GiB:g} GiB the "
+                         "CUDA context needs")
+    if _caps.get(index) == cap:  # build_module prepares again what the run prepared
+        return cap
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
+    _caps[index] = cap
+    log.info("memory budget %g GiB: the allocator may reserve %.2f GiB of this card's %.1f GiB", budget_gb, cap / GiB,
+             total / GiB)
+    return cap
+
+
+def memory_limit(device: torch.device) -> int | None:
+    """Bytes this process's allocator may reserve on `device`: its cap (`cap_memory`) or the card's total; None off
+    CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _caps.get(index, torch.cuda.get_device_properties(index).total_memory)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on `device`: what its limit leaves above what it reserved (never more
+    than the card has free, other processes count), plus what its allocator reserved but does not use. None off
+    CUDA."""
+    limit = memory_limit(device)
+    if limit is None:
+        return None
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    free_on_card = torch.cuda.mem_get_info(device)[0]
+    return max(0, min(limit - reserved, free_on_card)) + (reserved - allocated)

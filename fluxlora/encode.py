@@ -1,23 +1,69 @@
-"""Run the frozen encoders: VAE for image latents, CLIP-L + T5 for prompts. Used by caching and sampling."""
+"""Run the frozen encoders: VAE for image latents, CLIP-L + T5 for captions and prompts. Used by caching and sampling.
+
+Caching runs them in stages (`StagedEncoders`): latents with the VAE alone, then pooled embeddings with CLIP-L alone,
+then sequences with T5 alone. Each encoder comes to the device for its own stage and leaves before the next one
+comes, so two large encoders never share it (with T5 + CLIP + VAE resident, a 4-image VAE batch at 1024 px did not
+fit 11 GiB on the H200), and each batch is sized from the memory the process really has left.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from fluxlora.cuda_setup import GiB, available_memory
+from fluxlora.heartbeat import heartbeat
 from fluxlora.models.components import FluxComponents
+
+log = logging.getLogger(__name__)
+
+STAGES = ("vae", "clip", "t5")
+_PARTS = {"vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
+_NAMES = {"vae": "VAE", "clip": "CLIP-L", "t5": "T5"}
+
+# Device memory per item while encoding, beyond the encoder's weights (bf16, Flux's VAE and T5-XXL); measured on the
+# H200 with bench/encoder_memory.py, rounded up. They size the batches of `StagedEncoders` to the memory left.
+VAE_ENCODE_BYTES_PER_PIXEL = 1536
+"""Peak of one image through the VAE encoder, per pixel (1024 x 1024: 1.5 GiB)."""
+VAE_DECODE_BYTES_PER_PIXEL = 2048
+"""Peak of one latent through the VAE decoder, per output pixel (sampling; 1024 x 1024: 2 GiB)."""
+T5_BYTES_PER_TOKEN = 256 << 10
+"""Peak of one caption through T5-XXL, per token (512 tokens: 128 MiB)."""
+CLIP_BYTES_PER_CAPTION = 64 << 20
+"""Peak of one caption through CLIP-L (77 tokens)."""
+STAGE_MARGIN = 512 << 20
+"""Left free in every stage: the allocator's rounding and fragmentation."""
+MOST_PER_BATCH = {"vae": 8, "clip": 64, "t5": 16}
+"""Upper bounds on a batch: past them a bigger batch saves nothing measurable."""
+CPU_BATCH = 4
+"""Batch size where there is no device limit to size from (the CPU)."""
 
 
 @torch.no_grad()
+def clip_pooled(c: FluxComponents, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP-L's pooled embedding of each prompt, as FluxPipeline conditions on it."""
+    ids = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+    return c.encoder("text_encoder")(ids.to(device), output_hidden_states=False).pooler_output
+
+
+@torch.no_grad()
+def t5_sequence(c: FluxComponents, prompts: list[str], device: torch.device,
+                max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's sequence for each prompt, and its attention mask (1 for tokens, 0 for padding)."""
+    tok = c.tokenizer_2(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    return c.encoder("text_encoder_2")(tok.input_ids.to(device), output_hidden_states=False)[0], tok.attention_mask
+
+
 def encode_prompts(c: FluxComponents, prompts: list[str], device: torch.device, max_length: int) -> dict:
-    """CLIP pooled embedding and T5 sequence for each prompt, as FluxPipeline conditions on them."""
-    clip_ids = c.tokenizer(prompts, padding="max_length", max_length=c.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids
-    pooled = c.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
-    t5_tok = c.tokenizer_2(prompts, padding="max_length", max_length=max_length, truncation=True,
-                           return_tensors="pt")
-    t5 = c.text_encoder_2(t5_tok.input_ids.to(device), output_hidden_states=False)[0]
-    return {"t5": t5, "pooled": pooled, "t5_mask": t5_tok.attention_mask}
+    """CLIP pooled embedding and T5 sequence for each prompt, with both encoders where they already are."""
+    t5, mask = t5_sequence(c, prompts, device, max_length)
+    return {"t5": t5, "pooled": clip_pooled(c, prompts, device), "t5_mask": mask}
 
 
 @torch.no_grad()
@@ -29,33 +75,127 @@ def encode_images(c: FluxComponents, images: list[np.ndarray], device: torch.dev
     return (mean - shift) * c.vae.config.scaling_factor
 
 
-class CacheEncoder:
-    """What `LatentCache` runs: VAE latents for a batch of same-size images, CLIP/T5 outputs for a batch of captions.
+def batch_for(per_item: int, available: int | None, most: int) -> int:
+    """How many items fit `available` bytes (minus `STAGE_MARGIN`) at `per_item` each: at least 1, at most `most`;
+    `CPU_BATCH` where there is no limit to size from."""
+    if available is None:
+        return min(CPU_BATCH, most)
+    return max(1, min(most, (available - STAGE_MARGIN) // max(1, per_item)))
 
-    Calling it as `encode(images, captions)` gives the older one-dict-per-image form.
+
+class DevicePlacement:
+    """Moves an encoder onto the device for its stage and back to the host after it (tests substitute a recorder)."""
+
+    def on(self, stage: str, module: torch.nn.Module, device: torch.device) -> None:
+        module.to(device)
+
+    def off(self, stage: str, module: torch.nn.Module) -> None:
+        module.to("cpu")
+
+
+class StagedEncoders:
+    """What `LatentCache` runs, one encoder at a time: `images()` inside `stage("vae")`; `texts()` runs CLIP-L
+    over all its captions, then T5 over all of them, each in its own stage.
+
+    Args:
+        c: the model parts; deferred text encoders are read when their stage first begins.
+        device: where the encoders run.
+        max_length: T5's sequence length.
+        batch_size: items per encoder call; None sizes each stage's batches from the memory left
+            (`data.cache_batch_size: auto`).
+        placement: how encoders move on and off the device.
+
+    Example::
+
+        enc = StagedEncoders(comps, device, 512)
+        with enc.stage("vae"):
+            latents = enc.images(images)
+        texts = enc.texts(captions)           # CLIP stage, then T5 stage
     """
 
-    def __init__(self, c: FluxComponents, device: torch.device, max_length: int) -> None:
-        self.c, self.device, self.max_length = c, device, max_length
+    def __init__(self, c: FluxComponents, device: torch.device, max_length: int, batch_size: int | None = None,
+                 placement: DevicePlacement | None = None) -> None:
+        self.c, self.device, self.max_length = c, torch.device(device), int(max_length)
+        self.fixed_batch = batch_size
+        self.placement = placement or DevicePlacement()
+        self.current: str | None = None
+
+    @contextlib.contextmanager
+    def stage(self, stage: str) -> Iterator[torch.nn.Module]:
+        """The encoder of `stage` ('vae' | 'clip' | 't5') on the device for the body of the `with`, then off it."""
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+        if self.current is not None:
+            raise RuntimeError(f"stage {stage!r} began inside stage {self.current!r}: one encoder at a time")
+        heartbeat("caching", f"{_NAMES[stage]} to the device")
+        t0 = time.monotonic()
+        module = self.c.vae if stage == "vae" else self.c.encoder(_PARTS[stage])
+        self.placement.on(stage, module, self.device)
+        self.current = stage
+        try:
+            yield module
+        finally:
+            self.current = None
+            self.placement.off(stage, module)
+            peak = ""
+            if self.device.type == "cuda":
+                peak = f", peak {torch.cuda.max_memory_reserved(self.device) / GiB:.2f} GiB reserved"
+                torch.cuda.empty_cache()
+            log.info("caching stage %s: %.1fs%s", _NAMES[stage], time.monotonic() - t0, peak)
+
+    def batch_size(self, stage: str, pixels: int = 0) -> int:
+        """Items per call in `stage` (images of `pixels` pixels for the VAE), from the memory left right now."""
+        if self.fixed_batch is not None:
+            return self.fixed_batch
+        per_item = {"vae": VAE_ENCODE_BYTES_PER_PIXEL * pixels, "clip": CLIP_BYTES_PER_CAPTION,
+                    "t5": T5_BYTES_PER_TOKEN * self.max_length}[stage]
+        return batch_for(per_item, available_memory(self.device), MOST_PER_BATCH[stage])
 
     def images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """VAE latents of same-size images; call inside `stage("vae")`."""
+        if self.current != "vae":
+            raise RuntimeError("StagedEncoders.images() runs inside stage('vae')")
         return encode_images(self.c, images, self.device)
 
-    def texts(self, captions: list[str]) -> dict:
-        return encode_prompts(self.c, captions, self.device, self.max_length)
+    def texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """`pooled` (CLIP-L), `t5` and `t5_mask` (T5) of every caption, on the host: CLIP-L's stage over all of them,
+        then T5's, each in batches sized to the memory left."""
+        with self.stage("clip"):
+            size = self.batch_size("clip")
+            pooled = [clip_pooled(self.c, captions[s:s + size], self.device).cpu()
+                      for s in self._beats(range(0, len(captions), size), "CLIP-L", len(captions))]
+        with self.stage("t5"):
+            size = self.batch_size("t5")
+            outs = [t5_sequence(self.c, captions[s:s + size], self.device, self.max_length)
+                    for s in self._beats(range(0, len(captions), size), "T5", len(captions))]
+        return {"pooled": torch.cat(pooled), "t5": torch.cat([t.cpu() for t, _ in outs]),
+                "t5_mask": torch.cat([m for _, m in outs])}
 
-    def __call__(self, images: list[np.ndarray], captions: list[str]) -> list[dict]:
-        lat, txt = self.images(images), self.texts(captions)
-        return [{"latents": lat[i], "t5": txt["t5"][i], "pooled": txt["pooled"][i], "t5_mask": txt["t5_mask"][i]}
-                for i in range(len(images))]
+    @staticmethod
+    def _beats(starts: range, what: str, total: int) -> Iterator[int]:
+        for s in starts:
+            heartbeat("caching", f"{what} {s}/{total} captions")
+            yield s
+
+    def describe(self, stage: str, pixels: int = 0) -> str:
+        """The batch size of `stage` and why, for the log."""
+        size = self.batch_size(stage, pixels)
+        if self.fixed_batch is not None:
+            return f"{size} (data.cache_batch_size)"
+        free = available_memory(self.device)
+        return f"{size}" if free is None else f"{size} ({free / GiB:.1f} GiB free on the device)"
 
 
-def cache_encoder(c: FluxComponents, device: torch.device, max_length: int) -> CacheEncoder:
-    """The encoder that LatentCache.build expects."""
-    return CacheEncoder(c, device, max_length)
-
-
-def move_encoders(c: FluxComponents, device: torch.device | str) -> None:
-    """Put the VAE and text encoders on a device (they leave the GPU once caching is done)."""
-    for m in (c.vae, c.text_encoder, c.text_encoder_2):
-        m.to(device)
+def fit_vae_decode(vae: torch.nn.Module, width: int, height: int, device: torch.device) -> int | None:
+    """Decode in tiles where a full-size decode of `width` x `height` would not fit the memory left on `device`:
+    returns the tile side in pixels, or None for a full-size decode. diffusers' own tiles are 1024 px for Flux's
+    VAE (its `sample_size`), which would not tile a 1024 px sample at all, so the tile is chosen here."""
+    free = available_memory(device)
+    need = lambda pixels: VAE_DECODE_BYTES_PER_PIXEL * pixels + STAGE_MARGIN  # noqa: E731
+    if free is None or need(width * height) <= free:
+        vae.disable_tiling()
+        return None
+    tile = next((t for t in (768, 512, 384) if need(t * t) <= free), 256)
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // 8
+    return tile

@@ -14,6 +14,7 @@ from fluxlora.errors import FluxLoraError
 log = logging.getLogger(__name__)
 
 STORAGE = ("none", "fp8", "nf4")
+T5_STORAGE = ("auto", "fp8", "full")
 
 
 @dataclass
@@ -37,6 +38,14 @@ class MemorySettings:
     """Swapped blocks in flight ahead of the running one (each costs one block of GPU memory)."""
     swap_timeout_s: float = 60.0
     """Longest wait for one block's host→device copy; past it the run fails naming the block."""
+    budget_gb: float | None = None
+    """Run as on a card of this many GiB: the allocator is capped at budget - 1 GiB (the CUDA context needs the
+    rest), and caching batches, T5's storage and the sampling mode are chosen to fit. Every tier sets its size;
+    None = the whole card."""
+    t5_storage: str = "auto"
+    """How T5-XXL is kept while caching: `fp8` (float8_e4m3fn block Linears with a per-tensor scale, upcast per
+    matmul: 4.8 GB instead of 9.5), `full` (the compute dtype), `auto` (an fp8 file stays fp8; a 16-bit file stays
+    16-bit where it fits the device's limit, else is cast to fp8 while it is read)."""
 
     def __post_init__(self) -> None:
         if self.base_storage not in STORAGE:
@@ -49,6 +58,11 @@ class MemorySettings:
             raise ValueError(f"memory.swap_prefetch must be >= 0, got {self.swap_prefetch}")
         if self.swap_timeout_s <= 0:
             raise ValueError(f"memory.swap_timeout_s must be > 0, got {self.swap_timeout_s}")
+        if self.budget_gb is not None and self.budget_gb <= 1:
+            raise ValueError(f"memory.budget_gb must be more than 1 (GiB; 1 is left to the CUDA context), got "
+                             f"{self.budget_gb}")
+        if self.t5_storage not in T5_STORAGE:
+            raise ValueError(f"memory.t5_storage={self.t5_storage!r} is not one of {T5_STORAGE}")
         if self.fp8_matmul and self.base_storage != "fp8":
             raise ValueError("memory.fp8_matmul needs memory.base_storage=fp8 (the weights it multiplies are fp8)")
         if self.blocks_to_swap and self.base_storage == "nf4":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,15 +72,20 @@ def load_prompts(lines: list[str] | None, file: str | None, defaults: dict) -> l
 
 
 class SampleRenderer:
-    """Renders prompts with FluxPipeline from precomputed embeddings."""
+    """Renders prompts with FluxPipeline from embeddings computed once, before training (the text encoders are gone
+    by then).
 
-    def __init__(self, components, prompts: list[SamplePrompt], encode_device: torch.device, max_length: int) -> None:
-        from fluxlora.encode import encode_prompts
+    Args:
+        components: the model parts (VAE, tokenizers, scheduler; the transformer is passed to `render`).
+        prompts: what to render.
+        encode: captions -> `pooled`, `t5` (and `t5_mask`), e.g. `fluxlora.encode.StagedEncoders.texts`.
+    """
 
+    def __init__(self, components, prompts: list[SamplePrompt], encode: Callable[[list[str]], dict]) -> None:
         self.c = components
         self.prompts = prompts
         if prompts:
-            enc = encode_prompts(components, [p.prompt for p in prompts], encode_device, max_length)
+            enc = encode([p.prompt for p in prompts])
             for i, p in enumerate(prompts):
                 p.embeds = {"t5": enc["t5"][i:i + 1].cpu(), "pooled": enc["pooled"][i:i + 1].cpu()}
 
@@ -89,7 +95,10 @@ class SampleRenderer:
         """Render one prompt with `transformer` (default: the components' own); `cancel` stops between steps."""
         from diffusers import FluxPipeline
 
+        from fluxlora.encode import fit_vae_decode
+
         c = self.c
+        fit_vae_decode(c.vae, prompt.width, prompt.height, torch.device(device))
         pipe = FluxPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
                             tokenizer=c.tokenizer, text_encoder_2=None, tokenizer_2=c.tokenizer_2,
                             transformer=transformer if transformer is not None else c.transformer)

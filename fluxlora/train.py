@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -18,12 +19,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fluxlora.callbacks import StepHeartbeatWatchdog, heartbeat
-from fluxlora.cuda_setup import prepare_cuda
+from fluxlora.callbacks import StepHeartbeatWatchdog, TimedSampler, heartbeat
+from fluxlora.cuda_setup import memory_limit, prepare_cuda
 from fluxlora.data import FluxDataModule
 from fluxlora.distributed import (DistributedSettings, RankInfo, build_strategy, is_collective_failure,
                                   rank_info, requested_processes)
-from fluxlora.encode import cache_encoder, move_encoders
+from fluxlora.data.datamodule import cache_batch_size
+from fluxlora.encode import StagedEncoders
 from fluxlora.errors import FluxLoraError, RankFailedError, RunInterrupted
 from fluxlora.flow import FlowConfig
 from fluxlora.lora import LoraSettings
@@ -35,6 +37,7 @@ from fluxlora.rank_health import diagnose, heartbeat_path, peers_summary
 from fluxlora.rank_launch import RankLauncher
 from fluxlora.resume import report_complete, resume_plan
 from fluxlora.speed import SpeedSettings, apply_speed_settings
+from fluxlora.stage_clock import StageClock
 
 log = logging.getLogger("fluxlora")
 
@@ -135,7 +138,7 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
         (FluxLoRAModule, BlockSwapper or None).
     """
     memory = settings(MemorySettings, cfg.memory)
-    prepare_cuda(device)
+    prepare_cuda(device, memory.budget_gb)
     apply_memory_settings(transformer, memory, compute_dtype, device)
     module = FluxLoRAModule(transformer, settings(LoraSettings, cfg.lora), settings(FlowConfig, cfg.flow), cfg.optim,
                             total_steps=steps, compute_dtype=compute_dtype, nonfinite=str(cfg.train.nonfinite),
@@ -298,23 +301,27 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     flow = settings(FlowConfig, cfg.flow)
     memory = settings(MemorySettings, cfg.memory)
     device = device_for(cfg)
-    prepare_cuda(device)  # before the first allocation
+    prepare_cuda(device, memory.budget_gb)  # before the first allocation
     precision, compute_dtype = precision_for(cfg, device)
+    clock = StageClock(device, out / "stages.json" if info.rank == 0 else None)
 
     log.info("loading model (%s)", cfg.model.source)
     heartbeat("load_model")
-    comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True)
+    clock.begin("load")
+    comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True,
+                            t5_storage=memory.t5_storage, device_limit=memory_limit(device), defer_encoders=True)
     dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed),
                         rank=info.rank, world_size=info.world_size)  # each rank caches and trains its share
     records = dm.scan()
     log.info("dataset: %d images", len(records))
 
-    encoder_id = comps.encoder_identity(int(cfg.model.t5_max_length))
-    move_encoders(comps, device)
+    encoders = StagedEncoders(comps, device, int(cfg.model.t5_max_length), cache_batch_size(cfg.data.cache_batch_size))
     heartbeat("caching")
-    dm.build_cache(cache_encoder(comps, device, int(cfg.model.t5_max_length)), encoder_id,
+    clock.begin("cache")
+    dm.build_cache(encoders, comps.encoder_identity(int(cfg.model.t5_max_length)),
                    progress=watchdog.progress if watchdog is not None else None)
     heartbeat("build")
+    clock.begin("build")
 
     steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     metadata = {"learning_rate": float(cfg.optim.lr), "optimizer": str(cfg.optim.name),
@@ -322,14 +329,12 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
                 "resolution": dm.resolution, "num_train_images": len(records),
                 "sd_model_name": comps.name, "output_name": name,
                 "timestep_sampling": flow.timestep_sampling, "guidance_scale": flow.guidance_scale}
-    callbacks = build_callbacks(cfg, metadata, prebuilt={"watchdog": watchdog})
+    callbacks = [clock, *build_callbacks(cfg, metadata, prebuilt={"watchdog": watchdog})]  # the clock's hooks first
     for cb in callbacks:
         if hasattr(cb, "prepare") and info.rank == 0:  # only rank 0 samples
-            cb.prepare(comps, device, int(cfg.model.t5_max_length))
-    move_encoders(comps, "cpu")  # the step sees only cached tensors: encoders leave the GPU
-    comps.text_encoder = comps.text_encoder_2 = None
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+            cb.prepare(comps, encoders)  # prompt encodings, in a CLIP-L stage then a T5 stage
+    comps.release_encoders()  # the step sees only cached tensors; the VAE waits on the host for sampling
+    gc.collect()
 
     # read only now the text encoders are gone: host RAM peaks near the largest file
     comps.load_transformer(memory.load_device(device))
@@ -358,6 +363,8 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
                  swapper.stats["bytes"] / 1e9, swapper.stats["wait_s"])
     if trainer.interrupted:
         raise FluxLoraError("training was interrupted")
+    sampler = next((cb for cb in callbacks if isinstance(cb, TimedSampler)), None)
+    clock.finish(sampled=sampler.round_seconds if sampler is not None else None)
 
     summary = next((cb for cb in callbacks if hasattr(cb, "last_mean")), None)
     saver = next((cb for cb in callbacks if hasattr(cb, "saved")), None)

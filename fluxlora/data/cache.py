@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from fluxlora.data.cache_format import DTYPES, check_file, to_storage, write_sam
 from fluxlora.data.images import ImageRecord, load_image
 from fluxlora.data.rank_agreement import announce_done, announce_progress, wait_for_ranks
 from fluxlora.errors import FluxLoraError
+from fluxlora.heartbeat import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,9 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 EMPTY_CAPTION_FILE = "empty_caption.npz"
 _LOG_EVERY_S = 10.0
+_TEXT_KEYS = ("t5", "pooled", "t5_mask")
+CHUNK_CAPTIONS = 256
+"""Captions encoded per chunk: bounds the host memory that text outputs wait in before their files are written."""
 
 
 @dataclass(frozen=True)
@@ -61,13 +66,26 @@ class CacheEntry:
 
 
 class CacheEncoder(Protocol):
-    """What caching needs from the models (fluxlora.encode.CacheEncoder is the real one)."""
+    """What caching needs from the models (`fluxlora.encode.StagedEncoders` is the real one; it also has
+    `stage(name)`, a context in which one encoder is on the device, and `batch_size(stage, pixels)`)."""
 
     def images(self, images: list[np.ndarray]) -> Any:
-        """VAE latents, (B, C, h, w), for images of one size."""
+        """VAE latents, (B, C, h, w), for images of one size (inside `stage("vae")` where there is one)."""
 
     def texts(self, captions: list[str]) -> dict[str, Any]:
-        """`t5` (B, L, D), `pooled` (B, P), `t5_mask` (B, L) for captions."""
+        """`t5` (B, L, D), `pooled` (B, P), `t5_mask` (B, L) for all of `captions` (batched inside)."""
+
+
+def _stage(encoder: Any, name: str) -> Any:
+    """`encoder.stage(name)` where the encoder stages its models, else nothing to do."""
+    stage = getattr(encoder, "stage", None)
+    return stage(name) if stage is not None else contextlib.nullcontext()
+
+
+def _auto_batch(encoder: Any, stage: str, pixels: int) -> int:
+    """The encoder's own batch size for `stage` (`data.cache_batch_size: auto`), or 4 for one that has none."""
+    size = getattr(encoder, "batch_size", None)
+    return size(stage, pixels) if size is not None else 4
 
 
 class _CombinedEncoder:
@@ -160,7 +178,7 @@ class LatentCache:
             raise ValueError("LatentCache needs a resolution for plain ImageRecords")
         return CacheItem(item, (self.resolution, self.resolution), (item.caption,))
 
-    def build(self, items: Sequence[CacheItem | ImageRecord], encode: Any, batch_size: int = 4,
+    def build(self, items: Sequence[CacheItem | ImageRecord], encode: Any, batch_size: int | None = 4,
               progress: Callable[[int, int], None] | None = None, rank: int = 0, world_size: int = 1,
               empty_caption: bool = False, wait_timeout: float = 600.0) -> list[CacheEntry]:
         """Reuse every valid file, encode the rest in batches; returns one entry per item, in order.
@@ -168,7 +186,8 @@ class LatentCache:
         Args:
             items: what to cache (all ranks pass the same list; each caches every `world_size`-th item).
             encode: a `CacheEncoder`, or the older `encode(images, captions) -> [dict]` callable.
-            batch_size: images per encoder call.
+            batch_size: images per encoder call; None = the encoder's own choice per stage (sized to the memory
+                left on the device: `data.cache_batch_size: auto`).
             progress: called as `progress(done, total)` after each file checked or written and while waiting for
                 other ranks: a heartbeat for a watchdog.
             rank: this process's rank; world_size: how many processes share the work.
@@ -185,9 +204,8 @@ class LatentCache:
                            (lambda done: announce_progress(self.folder, rank, build_id, done, len(mine))))
         keys: dict[int, str] = {}
         todo = self._check_existing(items, mine, keys, report)
-        self._encode_missing(items, todo, keys, as_cache_encoder(encode), batch_size, report)
-        if empty_caption and rank == 0:
-            self._ensure_empty_caption(as_cache_encoder(encode))
+        extra = [""] if empty_caption and rank == 0 and self._empty_caption_stale() else []
+        self._encode_missing(items, todo, keys, as_cache_encoder(encode), batch_size, report, extra)
         entries = [CacheEntry(self.file_for(it), it.record.path, it.bucket, len(it.captions)) for it in items]
         by_name = {entries[i].file.name: keys[i] for i in mine}
         if world_size > 1:
@@ -240,39 +258,80 @@ class LatentCache:
         return todo
 
     def _encode_missing(self, items: Sequence[CacheItem], todo: list[int], keys: dict[int, str],
-                        encoder: CacheEncoder, batch_size: int, report: _Reporter) -> None:
-        by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i in todo:
-            by_bucket.setdefault(items[i].bucket, []).append(i)
-        batches = [b[s:s + batch_size] for _, b in sorted(by_bucket.items()) for s in range(0, len(b), batch_size)]
+                        encoder: CacheEncoder, batch_size: int | None, report: _Reporter,
+                        extra: list[str]) -> None:
+        """Encode `todo` chunk by chunk, each chunk stage by stage (`fluxlora.encode.StagedEncoders`): the latents
+        of a chunk wait in host memory while CLIP-L and then T5 encode its captions, then its files are written.
+        `extra` captions (the empty one) are encoded with the first chunk and written to their own file."""
         done_before, written, t0, last_log = report.total - len(todo), 0, time.monotonic(), 0.0
-        for batch in batches:
-            self._encode_batch([items[i] for i in batch], [keys[i] for i in batch], encoder, batch_size)
-            written += len(batch)
-            report(done_before + written, force=True)
-            now = time.monotonic()
-            if now - last_log >= _LOG_EVERY_S or written == len(todo) or last_log == 0.0:
-                rate = written / max(now - t0, 1e-6)
-                log.info("cached %d/%d images (%.1f img/s, ETA %.0fs)", written, len(todo), rate,
-                         (len(todo) - written) / rate)
-                last_log = now
+        chunks = self._chunks(items, todo) or ([[]] if extra else [])
+        for n, chunk in enumerate(chunks):
+            latents = self._latents([items[i] for i in chunk], encoder, batch_size, report)
+            wanted = [c for i in chunk for c in items[i].captions] + (extra if n == 0 else [])
+            captions = list(dict.fromkeys(wanted))
+            texts = encoder.texts(captions)
+            row = {c: j for j, c in enumerate(captions)}
+            for i, lat in zip(chunk, latents):
+                arrays = {"latents": lat}
+                for v, caption in enumerate(items[i].captions):
+                    for k in _TEXT_KEYS:
+                        arrays[f"{k}_{v}"] = to_storage(texts[k][row[caption]], self.dtype)
+                self._write(self.file_for(items[i]), arrays, keys[i], len(items[i].captions))
+                written += 1
+                report(done_before + written, force=True)
+                now = time.monotonic()
+                if now - last_log >= _LOG_EVERY_S or written == len(todo) or last_log == 0.0:
+                    rate = written / max(now - t0, 1e-6)
+                    log.info("cached %d/%d images (%.1f img/s, ETA %.0fs)", written, len(todo), rate,
+                             (len(todo) - written) / rate)
+                    last_log = now
+            if n == 0 and extra:
+                self._write(self.empty_caption_file, {f"{k}_0": to_storage(texts[k][row[""]], self.dtype)
+                                                      for k in _TEXT_KEYS}, self._empty_caption_key(), 1)
 
-    def _encode_batch(self, chunk: list[CacheItem], keys: list[str], encoder: CacheEncoder, batch_size: int) -> None:
-        latents = encoder.images([load_image(it.record.path, it.bucket) for it in chunk])
-        captions = [c for it in chunk for c in it.captions]
-        texts: dict[str, list] = {"t5": [], "pooled": [], "t5_mask": []}
-        for s in range(0, len(captions), batch_size):
-            out = encoder.texts(captions[s:s + batch_size])
-            for k in texts:
-                texts[k].extend(out[k][j] for j in range(len(out[k])))
-        at = 0
-        for item, key, lat in zip(chunk, keys, latents):
-            arrays = {"latents": to_storage(lat, self.dtype)}
-            for v in range(len(item.captions)):
-                for k in texts:
-                    arrays[f"{k}_{v}"] = to_storage(texts[k][at + v], self.dtype)
-            at += len(item.captions)
-            self._write(self.file_for(item), arrays, key, len(item.captions))
+    @staticmethod
+    def _chunks(items: Sequence[CacheItem], todo: list[int]) -> list[list[int]]:
+        """`todo` in bucket order, cut so a chunk holds at most `CHUNK_CAPTIONS` captions (its text outputs wait in
+        host memory: 256 T5 sequences of 512 x 4096 in bf16 are 1 GiB)."""
+        chunks: list[list[int]] = []
+        count = CHUNK_CAPTIONS
+        for i in sorted(todo, key=lambda i: items[i].bucket):
+            if count + len(items[i].captions) > CHUNK_CAPTIONS:
+                chunks.append([])
+                count = 0
+            chunks[-1].append(i)
+            count += len(items[i].captions)
+        return chunks
+
+    def _latents(self, chunk: list[CacheItem], encoder: CacheEncoder, batch_size: int | None,
+                 report: _Reporter) -> list[np.ndarray]:
+        """Latents of `chunk` (bucket-sorted) in the VAE's stage, as stored arrays. A batch that runs out of device
+        memory is halved and tried again (down to one image: then the error stands)."""
+        out: list[np.ndarray] = []
+        if not chunk:
+            return out
+        with _stage(encoder, "vae"):
+            for bucket in dict.fromkeys(it.bucket for it in chunk):
+                group = [it for it in chunk if it.bucket == bucket]
+                size = batch_size or _auto_batch(encoder, "vae", bucket[0] * bucket[1])
+                log.info("caching: %d latents at %dx%d with the VAE, %d per batch", len(group), *bucket, size)
+                start = 0
+                while start < len(group):
+                    try:
+                        lat = encoder.images([load_image(it.record.path, it.bucket)
+                                              for it in group[start:start + size]])
+                    except torch.OutOfMemoryError:
+                        if size == 1:
+                            raise
+                        size //= 2
+                        log.warning("caching: the VAE ran out of device memory; %d images per batch from now on",
+                                    size)
+                        torch.cuda.empty_cache()
+                        continue
+                    out.extend(to_storage(x, self.dtype) for x in lat)
+                    start += len(lat)
+                    heartbeat("caching", f"VAE latents {start}/{len(group)} at {bucket[0]}x{bucket[1]}")
+        return out
 
     def _write(self, file: Path, arrays: dict[str, np.ndarray], key: str, variants: int) -> None:
         write_sample(file, arrays, key, self.dtype, variants)
@@ -281,13 +340,12 @@ class LatentCache:
     def empty_caption_file(self) -> Path:
         return self.folder / EMPTY_CAPTION_FILE
 
-    def _ensure_empty_caption(self, encoder: CacheEncoder) -> None:
-        key = hashlib.sha256(json.dumps([FORMAT_VERSION, self.encoder_id, self.dtype, ""]).encode()).hexdigest()
-        why = check_file(self.empty_caption_file, key, 1, None, True, self.read_timeout)
-        if why is None:
-            return
-        if why != "absent":
+    def _empty_caption_key(self) -> str:
+        return hashlib.sha256(json.dumps([FORMAT_VERSION, self.encoder_id, self.dtype, ""]).encode()).hexdigest()
+
+    def _empty_caption_stale(self) -> bool:
+        """Whether the empty caption's file must be (re)built."""
+        why = check_file(self.empty_caption_file, self._empty_caption_key(), 1, None, True, self.read_timeout)
+        if why not in (None, "absent"):
             log.warning("cache file %s is %s; rebuilding it", self.empty_caption_file, why)
-        out = encoder.texts([""])
-        arrays = {f"{k}_0": to_storage(out[k][0], self.dtype) for k in ("t5", "pooled", "t5_mask")}
-        self._write(self.empty_caption_file, arrays, key, 1)
+        return why is not None

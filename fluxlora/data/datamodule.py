@@ -34,6 +34,20 @@ from fluxlora.errors import FluxLoraError
 log = logging.getLogger(__name__)
 
 
+def cache_batch_size(value: Any) -> int | None:
+    """`data.cache_batch_size`: a positive int, or `auto` (None: each encoder stage sizes its batches to the memory
+    left on the device)."""
+    if str(value) == "auto":
+        return None
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1 or str(size) != str(value).strip():
+        raise FluxLoraError(f"data.cache_batch_size={value!r} must be a positive integer or auto")
+    return size
+
+
 class FluxDataModule(L.LightningDataModule):
     """Batches of cached VAE latents and text embeddings, drawn within aspect-ratio buckets.
 
@@ -101,6 +115,7 @@ class FluxDataModule(L.LightningDataModule):
                     raise FluxLoraError(f"image {rec.path}: {e}") from None
                 records.append(rec)
                 items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, settings.caption_variants)))
+        cache_batch_size(cfg.get("cache_batch_size", "auto"))  # a bad value fails before any model loads
         self.settings, self.records, self.items = settings, records, items
         self._log_dataset()
         return records
@@ -143,7 +158,8 @@ class FluxDataModule(L.LightningDataModule):
         cfg = self.cfg
         cache = LatentCache(self.cache_dir, encoder_id, dtype=str(cfg.get("cache_dtype", "float32")),
                             check=str(cfg.get("cache_check", "full")), read_timeout=self.read_timeout)
-        self.entries = cache.build(self.items, encode, batch_size=int(cfg.cache_batch_size), progress=progress,
+        self.entries = cache.build(self.items, encode, batch_size=cache_batch_size(cfg.cache_batch_size),
+                                   progress=progress,
                                    rank=self.rank if rank is None else rank,
                                    world_size=self.world_size if world_size is None else world_size,
                                    empty_caption=self._needs_empty_caption(),

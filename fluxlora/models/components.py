@@ -44,6 +44,12 @@ class FluxComponents:
     """Whether the transformer embeds guidance (FLUX.1-dev), known from the file header before its weights are read."""
     transformer_loader: Callable[[Any], Any] | None = None
     """device -> transformer; set while the transformer is deferred (read after the text encoders left RAM)."""
+    encoder_loaders: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    """'text_encoder' / 'text_encoder_2' -> loader, while that encoder is deferred: caching reads each when its
+    stage begins, so T5 (9.5 GB in 16 bits) is never in RAM beside the others, and not at all when nothing needs
+    encoding."""
+    t5_storage: str = "full"
+    """How T5 is (or will be) kept: `fp8` block Linears or `full` (the compute dtype); see `resolve_t5_storage`."""
 
     @property
     def has_guidance(self) -> bool:
@@ -59,11 +65,27 @@ class FluxComponents:
             self.transformer_loader = None
         return self.transformer
 
+    def encoder(self, part: str) -> Any:
+        """The text encoder `part` ('text_encoder' = CLIP-L, 'text_encoder_2' = T5), read now if it was deferred."""
+        module = getattr(self, part)
+        if module is None and part in self.encoder_loaders:
+            module = self.encoder_loaders.pop(part)()
+            setattr(self, part, module)
+        return module
+
+    def release_encoders(self) -> None:
+        """Drop both text encoders for good (after caching: sampling renders from cached prompt encodings)."""
+        self.text_encoder = self.text_encoder_2 = None
+        self.encoder_loaders.clear()
+
     def encoder_identity(self, t5_max_length: int) -> str:
         """What the cached latents and text embeddings depend on: the VAE and text encoders, never the transformer
         (switching transformer files must not rebuild the caches)."""
         parts = {k: v for k, v in self.fingerprint.items() if k != "transformer"}
-        return json.dumps({"encoders": parts, "t5": int(t5_max_length)}, sort_keys=True)
+        ident = {"encoders": parts, "t5": int(t5_max_length)}
+        if self.t5_storage == "fp8":  # fp8-stored T5 gives other outputs than a 16-bit file run in 16 bits
+            ident["t5_storage"] = "fp8"
+        return json.dumps(ident, sort_keys=True)
 
     def pipeline_parts(self) -> dict:
         return dict(
@@ -103,7 +125,27 @@ def _scheduler(files, variant: str):
     return FlowMatchEulerDiscreteScheduler.from_config(shipped_config(f"scheduler-{variant}"))
 
 
-def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bool = False) -> FluxComponents:
+T5_WORKING_BYTES = int(1.5 * (1 << 30))
+"""Device memory T5-XXL needs beside its weights while caching (activations of a batch of 512-token captions and the
+allocator's slack); `resolve_t5_storage` keeps 16 bits only where weights + this fit."""
+
+
+def resolve_t5_storage(requested: str, file_dtypes: set[str], parameters: int, limit: int | None) -> str:
+    """`memory.t5_storage` decided: `auto` keeps an fp8 file in fp8 (the same numbers as upcasting it, half the
+    memory), keeps a 16-bit file in 16 bits where its weights + `T5_WORKING_BYTES` fit `limit` (the device's, None
+    on the CPU), and casts it to fp8 where they do not (T5-XXL in 16 bits is 9.5 GB: an 8 GB card)."""
+    if requested != "auto":
+        return requested
+    if "F8_E4M3" in file_dtypes:
+        return "fp8"
+    if limit is None:
+        return "full"
+    return "full" if 2 * parameters + T5_WORKING_BYTES <= limit else "fp8"
+
+
+def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bool = False,
+                    t5_storage: str = "full", device_limit: int | None = None,
+                    defer_encoders: bool = False) -> FluxComponents:
     """Build or load the model named by the `model` config group, from local files only.
 
     Headers are checked and tokenizers found before any large file is read, so a wrong path fails in
@@ -115,17 +157,26 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
         storage: `fp8` reads the transformer's frozen Linear weights as float8_e4m3fn (`memory.base_storage`).
         defer_transformer: leave the transformer to `FluxComponents.load_transformer(device)`, so it is read
             after caching, once the text encoders are gone.
+        t5_storage: `memory.t5_storage` (auto | fp8 | full), decided by `resolve_t5_storage` against `device_limit`.
+        device_limit: bytes the training device's allocator may hold (`fluxlora.cuda_setup.memory_limit`).
+        defer_encoders: leave CLIP-L and T5 to `FluxComponents.encoder(part)` (caching reads each in its stage).
     """
     source = model_cfg.source
     if source == "tiny":
         from fluxlora.models import tiny
+        from fluxlora.models.text_encoders import store_t5_fp8
 
         parts = tiny.build(seed=int(model_cfg.get("seed", 0)), t5_max_length=int(model_cfg.t5_max_length))
-        return FluxComponents(**parts, name="fluxlora-tiny", fingerprint={"tiny_seed": int(model_cfg.get("seed", 0))})
+        kept = "fp8" if t5_storage == "fp8" else "full"
+        if kept == "fp8":
+            store_t5_fp8(parts["text_encoder_2"], next(parts["text_encoder_2"].parameters()).dtype)
+        return FluxComponents(**parts, name="fluxlora-tiny", fingerprint={"tiny_seed": int(model_cfg.get("seed", 0))},
+                              t5_storage=kept)
     if source not in ("auto", "diffusers", "single_file"):
         raise FluxLoraError(f"model.source={source!r} is not one of tiny, auto")
     from fluxlora.models.layout import resolve_files
-    from fluxlora.models.text_encoders import load_clip, load_t5
+    from fluxlora.models.text_encoders import (check_text_encoder, load_clip, load_t5, t5_file_dtypes,
+                                               t5_parameter_count)
     from fluxlora.models.tokenizers import load_tokenizers
     from fluxlora.models.transformer import inspect_transformer, load_transformer
     from fluxlora.models.vae import load_vae
@@ -143,17 +194,26 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
                                 model_cfg.get("hf_cache_dir"), bool(model_cfg.get("allow_download", False)),
                                 int(model_cfg.t5_max_length))
 
+    check_text_encoder(files.clip_l, "clip")
+    t5_kept = resolve_t5_storage(t5_storage, t5_file_dtypes(files.t5xxl), t5_parameter_count(files.t5xxl),
+                                 device_limit)
+
     def read_transformer(device: Any = "cpu"):
         return load_transformer(files.transformer, dtype, storage, device)
 
+    loaders = {"text_encoder": lambda: load_clip(files.clip_l, dtype),
+               "text_encoder_2": lambda: load_t5(files.t5xxl, dtype, storage=t5_kept)}
     comps = FluxComponents(
         transformer=None if defer_transformer else read_transformer(), vae=load_vae(files.vae, dtype),
-        text_encoder=load_clip(files.clip_l, dtype), tokenizer=tok, text_encoder_2=load_t5(files.t5xxl, dtype),
-        tokenizer_2=tok2, scheduler=_scheduler(files, variant),
+        text_encoder=None, tokenizer=tok, text_encoder_2=None, tokenizer_2=tok2, scheduler=_scheduler(files, variant),
         name=files.root.name if files.root else files.transformer.stem,
         fingerprint={p: _fingerprint(getattr(files, p)) for p in ("transformer", "vae", "clip_l", "t5xxl")},
         guidance=guidance, transformer_loader=read_transformer if defer_transformer else None,
+        encoder_loaders=loaders, t5_storage=t5_kept,
     )
+    if not defer_encoders:
+        comps.encoder("text_encoder")
+        comps.encoder("text_encoder_2")
     log.info("model %s (FLUX.1-%s) ready in %.1fs%s", comps.name, variant, time.monotonic() - t0,
              "; transformer deferred" if defer_transformer else "")
     return comps

@@ -1,0 +1,226 @@
+"""The whole run a FluxGym user makes, under each tier's budget: full-size random-weight files in FluxGym's layout,
+`python -m fluxlora +vram=<tier>` with sampling on, and the peak memory and time of every stage.
+
+Writes once (into --models): `unet/flux1-dev.sft` (bf16, 23.8 GB), `vae/ae.sft`, `clip/clip_l.safetensors`,
+`clip/t5xxl_fp16.safetensors` (9.5 GB) and `clip/t5xxl_fp8_e4m3fn.safetensors` (4.9 GB), plus tokenizer folders
+(small offline vocabularies: no tokenizer can be downloaded here, and token ids only have to exist). A dataset of
+images in three aspect ratios (three buckets: each compiles once more) with captions, and a kohya prompts file with a
+1024x1024 and an 832x1216 prompt.
+
+Each cell is one `python -m fluxlora` process: `+vram=<tier>` sets `memory.budget_gb`, the product's own switch, so
+the allocator is capped at budget - 1 GiB exactly as on a card of that size. Its Inductor cache starts empty (cold);
+`--warm` runs the cell's first step again with the cache it left. nvidia-smi is sampled every 0.2 s. Per cell: exit
+status, LoRA file and sample grids present, `stages.json` (time and peak reserved memory of load, cache, build, first
+step, steps, after the steps; steady s/step; each sampling round; graphs compiled) and nvidia-smi's peak.
+
+    python bench/whole_run.py --models /tmp/flux --tiers 8gb 12gb --res 512 1024 --out /tmp/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TIERS = ("8gb", "12gb", "16gb", "20gb", "24gb")
+PROMPTS = ("a photo of sks on a beach --w 1024 --h 1024 --d 1 --s {steps}",
+           "a portrait of sks in a garden --w 832 --h 1216 --d 2 --s {steps}")
+IMAGES = ((1024, 1024), (1024, 1024), (1024, 1024), (832, 1216), (832, 1216), (1216, 832), (1216, 832), (1024, 1024))
+
+
+def write_models(root: Path, device: str, tiny: bool = False) -> None:
+    """FluxGym's folder of full-size (or, with `tiny`, tiny) random-weight files; a file already there is kept."""
+    import torch
+
+    from fluxlora.models import tiny as tiny_model
+    from fluxlora.models.bfl import shipped_config, write_random_bfl
+
+    if tiny:
+        parts = tiny_model.build()
+        configs = {"flux": dict(tiny_model.TRANSFORMER), "vae": dict(tiny_model.VAE),
+                   "clip": parts["text_encoder"].config.to_dict(), "t5": parts["text_encoder_2"].config.to_dict()}
+    else:
+        configs = {k: shipped_config(n) for k, n in (("flux", "flux-dev"), ("vae", "vae"), ("clip", "clip-l"),
+                                                       ("t5", "t5-xxl"))}
+    for sub in ("unet", "vae", "clip"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    jobs = [(root / "unet" / "flux1-dev.sft",
+             lambda p: write_random_bfl(p, configs["flux"], torch.bfloat16, device=device)),
+            (root / "vae" / "ae.sft", lambda p: _write_vae(p, configs["vae"], device, tiny)),
+            (root / "clip" / "clip_l.safetensors", lambda p: _write_encoder(p, "clip", configs, torch.float16,
+                                                                            device, tiny)),
+            (root / "clip" / "t5xxl_fp16.safetensors", lambda p: _write_encoder(p, "t5", configs, torch.float16,
+                                                                                device, tiny)),
+            (root / "clip" / "t5xxl_fp8_e4m3fn.safetensors",
+             lambda p: _write_encoder(p, "t5", configs, torch.float8_e4m3fn, device, tiny))]
+    for path, write in jobs:
+        if not path.exists():
+            t0 = time.monotonic()
+            write(path)
+            print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.monotonic() - t0:.0f}s", flush=True)
+    if not (root / "tokenizer_2").exists():
+        tiny_model.clip_tokenizer().save_pretrained(root / "tokenizer")
+        tiny_model.t5_tokenizer(512).save_pretrained(root / "tokenizer_2")
+
+
+def _write_vae(path: Path, config: dict, device: str, store_config: bool) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from fluxlora.models.vae import save_ldm_vae
+
+    with torch.device(device):
+        vae = AutoencoderKL(**config)
+    save_ldm_vae(path, vae, torch.float32, store_config=store_config)
+
+
+def _write_encoder(path: Path, kind: str, configs: dict, dtype, device: str, store_config: bool) -> None:
+    """CLIP-L or T5-XXL state-dict keys (transformers' names, as FluxGym's files have them), random values:
+    matrices ~ N(0, 1/fan_in), norms 1, the rest small, so activations stay finite. FluxGym's files carry no
+    config; the tiny ones do (a head count cannot be read from shapes)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from fluxlora.models.bfl import _random_tensor
+    from fluxlora.models.files import meta_model, stream_safetensors
+
+    if kind == "clip":
+        model = meta_model(lambda: CLIPTextModel(CLIPTextConfig(**configs["clip"])))
+    else:
+        model = meta_model(lambda: T5EncoderModel(T5Config(**configs["t5"])))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()
+              if k not in ("encoder.embed_tokens.weight", "text_model.embeddings.position_ids")}
+    pool = torch.randn(16_777_259, generator=torch.Generator(device).manual_seed(7), device=device).bfloat16()
+
+    def make(name: str):
+        if "norm" in name and name.endswith(".weight"):
+            return torch.ones(shapes[name], dtype=torch.bfloat16, device=device)
+        return _random_tensor(name, shapes[name], pool)
+
+    def stored(name: str):
+        fp8 = dtype == torch.float8_e4m3fn and len(shapes[name]) == 2 and ".block." in name
+        return dtype if fp8 or dtype != torch.float8_e4m3fn else torch.float16
+
+    meta = {"format": "pt"} | ({"fluxlora.config": json.dumps(configs[kind])} if store_config else {})
+    stream_safetensors(path, shapes, stored, make, meta, fsync=False)
+
+
+def write_dataset(root: Path, scale: int = 1) -> None:
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate((w // scale, h // scale) for w, h in IMAGES):
+        if not (root / f"img{i}.png").exists():
+            base = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((w, h), Image.BILINEAR).save(root / f"img{i}.png")
+            (root / f"img{i}.txt").write_text(f"a photo of sks, picture {i}")
+
+
+class SmiPeak:
+    """nvidia-smi's memory.used of GPU 0, sampled every 0.2 s; `peak` in MiB."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        try:
+            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                           "-lms", "200", "-i", "0"], stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError:  # no GPU here (the CPU smoke test)
+            self._proc = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            try:
+                self.peak = max(self.peak, int(line.strip()))
+            except ValueError:
+                pass
+
+    def stop(self) -> int:
+        if self._proc is None:
+            return 0
+        self._proc.terminate()
+        self._proc.wait(5)
+        return self.peak
+
+
+def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Path, steps: int) -> dict:
+    name = f"{tier}-{res}{tag}"
+    cmd = [sys.executable, "-m", "fluxlora", "model=flux-dev", f"model.path={args.models}", "data=folder",
+           f"data.path={args.data}", f"data.resolution={res}", f"+vram={tier}", f"trainer.max_steps={steps}",
+           f"sample.every_n_steps={args.sample_every}", f"sample.prompts_file={args.prompts}", f"name={name}",
+           f"output.root={args.work}", "callbacks.progress=null", *args.overrides, *extra]
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor), PYTHONUNBUFFERED="1")
+    smi = SmiPeak()
+    t0 = time.monotonic()
+    try:
+        # not from the checkout: `-m` would import its fluxlora/ instead of the installed package
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.cell_timeout, cwd=args.work)
+        rc, out = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out = "timeout", "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+                                     for x in (e.stdout, e.stderr))
+    wall = time.monotonic() - t0
+    folder = Path(args.work) / name
+    stages = folder / "stages.json"
+    row = {"cell": name, "tier": tier, "res": res, "rc": rc, "wall_s": round(wall, 1), "smi_peak_mib": smi.stop(),
+           "lora": (folder / f"{name}.safetensors").exists(),
+           "grids": len(list((folder / "sample").glob("*_grid.png"))) if (folder / "sample").exists() else 0,
+           "errors": [ln for ln in out.splitlines() if "fluxlora: error" in ln or "Error" in ln][-3:],
+           "log": [ln[-220:] for ln in out.splitlines() if any(k in ln for k in (
+               "memory budget", "caching:", "sampling mode", "T5", "stages:", "loaded ", "samples at", "switched off",
+               "ran out"))]}
+    if stages.exists():
+        row.update(json.loads(stages.read_text()))
+    if rc != 0:
+        row["tail"] = out.splitlines()[-25:]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="/tmp/flux-models")
+    parser.add_argument("--work", default="/tmp/whole-run")
+    parser.add_argument("--tiers", nargs="+", default=list(TIERS))
+    parser.add_argument("--res", nargs="+", type=int, default=[512, 1024])
+    parser.add_argument("--steps", type=int, default=8, help="trainer.max_steps of each cell")
+    parser.add_argument("--sample-every", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=12, help="denoising steps of each sample prompt")
+    parser.add_argument("--t5", choices=("fp16", "fp8"), default="fp16", help="which T5 file the cells read")
+    parser.add_argument("--warm", action="store_true", help="run each cell's first step again, warm Inductor cache")
+    parser.add_argument("--cell-timeout", type=float, default=420)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny files (a CPU smoke test of this script)")
+    parser.add_argument("--out", default=None, help="append each cell's JSON line to this file")
+    parser.add_argument("overrides", nargs="*", help="more overrides for every cell, e.g. trainer.accelerator=cpu")
+    args = parser.parse_args()
+    args.models, args.work = Path(args.models), Path(args.work)
+    args.data, args.prompts = args.work / "dataset", args.work / "prompts.txt"
+    write_models(args.models, args.device, args.tiny)
+    write_dataset(args.data, 8 if args.tiny else 1)
+    args.prompts.write_text("\n".join(p.format(steps=args.sample_steps) for p in PROMPTS) + "\n")
+    extra = [f"model.t5xxl={args.models / 'clip' / 't5xxl_fp8_e4m3fn.safetensors'}"] if args.t5 == "fp8" else []
+    tag = "-t5fp8" if args.t5 == "fp8" else ""
+    for res in args.res:
+        for tier in args.tiers:
+            inductor = args.work / f"inductor-{tier}-{res}{tag}"
+            rows = [run_cell(args, tier, res, extra, tag, inductor, args.steps)]
+            if args.warm:
+                rows.append(run_cell(args, tier, res, [*extra, "resume=null", "sample.every_n_steps=0",
+                                                       "sample.at_end=false"], f"{tag}-warm", inductor, 2))
+            for row in rows:
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

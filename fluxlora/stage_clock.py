@@ -1,0 +1,146 @@
+"""StageClock: where a run's time and device memory went, stage by stage, so a user (and `bench/whole_run.py`) can
+see which stage is slow or tight: load, cache, build, first step (compiles included), the steps after it, and what
+happens after the last step (LoRA file, final checkpoint, last samples).
+
+The stages before training are marked by the run (`begin`); the rest by Lightning's hooks. At the end one log line
+sums them up and `stages.json` in the run folder holds the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from fluxlora.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_GiB = float(1 << 30)
+
+
+class StageClock(L.Callback):
+    """Wall time and peak reserved device memory of each stage, and the time of each optimizer step.
+
+    Steady s/step is the median interval between optimizer steps whose batch shape had been trained before (a new
+    bucket shape compiles again) and that no sampling round fell into.
+
+    Args:
+        device: the training device (peak memory is read on CUDA only).
+        path: where `stages.json` goes; None = log only.
+
+    Example::
+
+        clock = StageClock(device, "outputs/mychar/stages.json")
+        clock.begin("load"); ...; clock.begin("cache"); ...
+        trainer = Trainer(callbacks=[clock, ...]); trainer.fit(...)
+        clock.finish(sampled={4: 12.0})
+    """
+
+    def __init__(self, device: torch.device | str, path: Optional[str | Path] = None) -> None:
+        super().__init__()
+        self._cuda = torch.device(device).type == "cuda"
+        self._device = torch.device(device)
+        self._path = Path(path) if path else None
+        self.stages: dict[str, dict[str, Any]] = {}
+        self._current: Optional[str] = None
+        self._t0 = 0.0
+        self._shapes: set[Optional[tuple]] = set()
+        self._shape: Optional[tuple] = None
+        self._last_end: Optional[float] = None
+        self._last_step = -1
+        self.steps: list[dict[str, Any]] = []  # {"step", "s", "new_shape"} per optimizer step after the first
+
+    def begin(self, stage: str) -> None:
+        """End the current stage (its time and peak memory are recorded) and start `stage`."""
+        now = time.monotonic()
+        if self._current is not None:
+            entry = self.stages.setdefault(self._current, {"s": 0.0})
+            entry["s"] = round(entry["s"] + now - self._t0, 3)
+            if self._cuda:
+                peak = torch.cuda.max_memory_reserved(self._device) / _GiB
+                entry["peak_reserved_gib"] = round(max(peak, entry.get("peak_reserved_gib", 0.0)), 3)
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self._device)
+        self._current, self._t0 = stage, now
+
+    # ---- Lightning hooks ----
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.begin("first_step")
+        self._last_step = trainer.global_step
+
+    @override
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        latents = batch.get("latents") if isinstance(batch, dict) else None
+        self._shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._last_step:  # inside a gradient-accumulation window
+            return
+        self._last_step = trainer.global_step
+        now = time.monotonic()
+        new_shape = self._shape not in self._shapes
+        self._shapes.add(self._shape)
+        if self._current == "first_step":
+            self.begin("steps")
+        elif self._last_end is not None:
+            self.steps.append({"step": trainer.global_step, "s": round(now - self._last_end, 4),
+                               "new_shape": new_shape})
+        self._last_end = time.monotonic()  # after any stage switch above
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.begin("after_steps")
+
+    # ---- the summary ----
+
+    def summary(self, sampled: Optional[dict[int, float]] = None) -> dict[str, Any]:
+        """The stages, steady s/step and the sampling rounds (`sampled`: step -> seconds)."""
+        sampled = dict(sampled or {})
+        steady = [s["s"] for s in self.steps if not s["new_shape"] and s["step"] - 1 not in sampled]
+        peaks = [v["peak_reserved_gib"] for v in self.stages.values() if "peak_reserved_gib" in v]
+        return {"stages": self.stages, "steady_s_per_step": round(statistics.median(steady), 4) if steady else None,
+                "steady_steps": len(steady), "shapes": len(self._shapes),
+                "sampling_rounds_s": {str(k): round(v, 2) for k, v in sorted(sampled.items())},
+                "peak_reserved_gib": max(peaks) if peaks else None, "compiled_graphs": _compiled_graphs(),
+                "device": torch.cuda.get_device_name(self._device) if self._cuda else str(self._device)}
+
+    def finish(self, sampled: Optional[dict[int, float]] = None) -> dict[str, Any]:
+        """Close the last stage, log one line and write `stages.json`; returns the summary."""
+        self.begin("end")
+        self.stages.pop("end", None)
+        result = self.summary(sampled)
+        parts = [f"{name} {v['s']:.1f}s" + (f" ({v['peak_reserved_gib']:.2f} GiB)" if "peak_reserved_gib" in v else "")
+                 for name, v in self.stages.items()]
+        steady = result["steady_s_per_step"]
+        log.info("stages: %s; steady %s s/step over %d steps%s", ", ".join(parts),
+                 f"{steady:.3f}" if steady is not None else "n/a", result["steady_steps"],
+                 f"; peak reserved {result['peak_reserved_gib']:.2f} GiB" if result["peak_reserved_gib"] else "")
+        if self._path is not None:
+            try:
+                atomic_write_text(self._path, json.dumps(result, indent=1))
+            except OSError as e:  # a report must not fail a finished run
+                log.warning("%s not written: %s", self._path, e)
+        return result
+
+
+def _compiled_graphs() -> Optional[int]:
+    """Graphs torch.compile made in this process (one per block kind and bucket shape), or None if it never ran."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    n = counters["stats"].get("unique_graphs", 0)
+    return int(n) if n else None
