@@ -124,30 +124,40 @@ def write_dataset(root: Path, scale: int = 1) -> None:
 
 
 class SmiPeak:
-    """nvidia-smi's memory.used of GPU 0, sampled every 0.2 s; `peak` in MiB."""
+    """nvidia-smi's memory.used of GPU 0 every 0.2 s (`peak`, MiB) and each process's largest use (`apps`: pid and
+    name -> MiB), so memory outside the run's allocator (CUDA contexts, compile workers) is seen and named."""
 
     def __init__(self) -> None:
-        self.peak = 0
-        try:
-            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                           "-lms", "200", "-i", "0"], stdout=subprocess.PIPE, text=True)
-        except FileNotFoundError:  # no GPU here (the CPU smoke test)
-            self._proc = None
-            return
-        threading.Thread(target=self._read, daemon=True).start()
+        self.peak, self.apps, self._procs = 0, {}, []
+        queries = (["--query-gpu=memory.used", "-lms", "200"],
+                   ["--query-compute-apps=pid,process_name,used_memory", "-lms", "500"])
+        for query, reader in zip(queries, (self._read_total, self._read_apps)):
+            try:
+                proc = subprocess.Popen(["nvidia-smi", *query, "--format=csv,noheader,nounits", "-i", "0"],
+                                        stdout=subprocess.PIPE, text=True)
+            except FileNotFoundError:  # no GPU here (the CPU smoke test)
+                return
+            self._procs.append(proc)
+            threading.Thread(target=reader, args=(proc,), daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self._proc.stdout:
+    def _read_total(self, proc) -> None:
+        for line in proc.stdout:
             try:
                 self.peak = max(self.peak, int(line.strip()))
             except ValueError:
                 pass
 
+    def _read_apps(self, proc) -> None:
+        for line in proc.stdout:
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) == 3 and parts[2].isdigit():
+                key = f"{parts[0]} {parts[1].rsplit('/', 1)[-1]}"
+                self.apps[key] = max(self.apps.get(key, 0), int(parts[2]))
+
     def stop(self) -> int:
-        if self._proc is None:
-            return 0
-        self._proc.terminate()
-        self._proc.wait(5)
+        for proc in self._procs:
+            proc.terminate()
+            proc.wait(5)
         return self.peak
 
 
@@ -171,6 +181,7 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
     folder = Path(args.work) / name
     stages = folder / "stages.json"
     row = {"cell": name, "tier": tier, "res": res, "rc": rc, "wall_s": round(wall, 1), "smi_peak_mib": smi.stop(),
+           "smi_apps_mib": smi.apps,
            "lora": (folder / f"{name}.safetensors").exists(),
            "grids": len(list((folder / "sample").glob("*_grid.png"))) if (folder / "sample").exists() else 0,
            "errors": [ln for ln in out.splitlines() if "fluxlora: error" in ln or "Error" in ln][-3:],

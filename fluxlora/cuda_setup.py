@@ -16,6 +16,10 @@ CONTEXT_RESERVE = 1 * GiB
 use. On the H200 nvidia-smi read 0.6-0.7 GiB above the allocator's peak reserved memory (11,717 MiB against 10.97
 GiB, issue 14's table), so a process capped at budget - 1 GiB fits a card of `budget` GiB."""
 
+PAGE_SLACK = 64 << 20
+"""Kept below the cap: with expandable segments the allocator maps whole pages and went 2 MiB past a 7 GiB fraction
+(7.002 GiB peak reserved, measured on the H200)."""
+
 _caps: dict[int, int] = {}  # device index -> bytes the allocator was capped at by `cap_memory`
 
 
@@ -43,7 +47,8 @@ def prepare_cuda(device: torch.device, budget_gb: float | None = None) -> None:
 
 
 def cap_memory(device: torch.device, budget_gb: float) -> int:
-    """Cap this process's allocator at `budget_gb` GiB - `CONTEXT_RESERVE` (never above the card); returns the cap.
+    """Cap this process's allocator at `budget_gb` GiB - `CONTEXT_RESERVE` - `PAGE_SLACK` (never above the card);
+    returns the cap.
 
     `torch.cuda.mem_get_info` does not see the cap (measured on the H200), so the cap is recorded here and
     `memory_limit` is what the rest of fluxlora reads.
@@ -51,7 +56,7 @@ def cap_memory(device: torch.device, budget_gb: float) -> int:
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
-    cap = min(total, int(budget_gb * GiB) - CONTEXT_RESERVE)
+    cap = min(total, int(budget_gb * GiB) - CONTEXT_RESERVE - PAGE_SLACK)
     if cap <= 0:
         raise ValueError(f"memory.budget_gb={budget_gb:g} leaves nothing after the {CONTEXT_RESERVE / GiB:g} GiB the "
                          "CUDA context needs")

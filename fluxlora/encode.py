@@ -26,18 +26,19 @@ STAGES = ("vae", "clip", "t5")
 _PARTS = {"vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 _NAMES = {"vae": "VAE", "clip": "CLIP-L", "t5": "T5"}
 
-# Device memory per item while encoding, beyond the encoder's weights (bf16, Flux's VAE and T5-XXL); measured on the
-# H200 with bench/encoder_memory.py, rounded up. They size the batches of `StagedEncoders` to the memory left.
-VAE_ENCODE_BYTES_PER_PIXEL = 1536
-"""Peak of one image through the VAE encoder, per pixel (1024 x 1024: 1.5 GiB)."""
-VAE_DECODE_BYTES_PER_PIXEL = 2048
-"""Peak of one latent through the VAE decoder, per output pixel (sampling; 1024 x 1024: 2 GiB)."""
-T5_BYTES_PER_TOKEN = 256 << 10
-"""Peak of one caption through T5-XXL, per token (512 tokens: 128 MiB)."""
-CLIP_BYTES_PER_CAPTION = 64 << 20
-"""Peak of one caption through CLIP-L (77 tokens)."""
+# Device memory per item while encoding, beyond the encoder's weights (bf16, Flux's VAE and T5-XXL at full size):
+# measured on the H200 with bench/encoder_memory.py (2026-12-01), rounded up. They size the batches of
+# `StagedEncoders` and the VAE's decode tiles to the memory left.
+VAE_ENCODE_BYTES_PER_PIXEL = 1700
+"""Peak of one image through the VAE encoder, per pixel: 1537-1670 measured (1024 x 1024: 1.5 GiB)."""
+VAE_DECODE_BYTES_PER_PIXEL = 2560
+"""Peak of one latent through the VAE decoder, per output pixel: 2054-2446 measured (1024 x 1024: 2.4 GiB)."""
+T5_BYTES_PER_TOKEN = 512 << 10
+"""Peak of one caption through T5-XXL, per token: 422-483 KiB measured (512 tokens: 256 MiB)."""
+CLIP_BYTES_PER_CAPTION = 4 << 20
+"""Peak of one caption through CLIP-L (77 tokens): 1.9 MB measured."""
 STAGE_MARGIN = 512 << 20
-"""Left free in every stage: the allocator's rounding and fragmentation."""
+"""Left free in every stage: the allocator's rounding and fragmentation, and fp8 T5's upcast weight (252 MiB)."""
 MOST_PER_BATCH = {"vae": 8, "clip": 64, "t5": 16}
 """Upper bounds on a batch: past them a bigger batch saves nothing measurable."""
 CPU_BATCH = 4

@@ -2,8 +2,10 @@
 see which stage is slow or tight: load, cache, build, first step (compiles included), the steps after it, and what
 happens after the last step (LoRA file, final checkpoint, last samples).
 
-The stages before training are marked by the run (`begin`); the rest by Lightning's hooks. At the end one log line
-sums them up and `stages.json` in the run folder holds the numbers.
+The stages before training are marked by the run (`begin`); the rest by Lightning's hooks: `first_step`, then
+`steps` (each training step) and `between_steps` (what runs between two: sampling rounds in between_steps mode,
+checkpoint saves, the next batch), summed over the run. At the end one log line sums them up and `stages.json` in
+the run folder holds the numbers.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ _GiB = float(1 << 30)
 class StageClock(L.Callback):
     """Wall time and peak reserved device memory of each stage, and the time of each optimizer step.
 
-    Steady s/step is the median interval between optimizer steps whose batch shape had been trained before (a new
-    bucket shape compiles again) and that no sampling round fell into.
+    Steady s/step is the median interval between the ends of consecutive optimizer steps whose batch shape had been
+    trained before (a new bucket shape compiles again) and that no sampling round fell into.
 
     Args:
         device: the training device (peak memory is read on CUDA only).
@@ -83,22 +85,24 @@ class StageClock(L.Callback):
                              batch_idx: int) -> None:
         latents = batch.get("latents") if isinstance(batch, dict) else None
         self._shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
+        if self._current == "between_steps":
+            self.begin("steps")
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step == self._last_step:  # inside a gradient-accumulation window
-            return
-        self._last_step = trainer.global_step
-        now = time.monotonic()
-        new_shape = self._shape not in self._shapes
-        self._shapes.add(self._shape)
-        if self._current == "first_step":
-            self.begin("steps")
-        elif self._last_end is not None:
-            self.steps.append({"step": trainer.global_step, "s": round(now - self._last_end, 4),
-                               "new_shape": new_shape})
-        self._last_end = time.monotonic()  # after any stage switch above
+        # what follows until the next batch starts (the other callbacks' batch-end work: sampling rounds between
+        # steps, checkpoints; loading the next batch) is its own stage, with its own peak memory
+        if trainer.global_step != self._last_step:  # an optimizer step finished (not inside an accumulation window)
+            self._last_step = trainer.global_step
+            now = time.monotonic()
+            new_shape = self._shape not in self._shapes
+            self._shapes.add(self._shape)
+            if self._current != "first_step" and self._last_end is not None:
+                self.steps.append({"step": trainer.global_step, "s": round(now - self._last_end, 4),
+                                   "new_shape": new_shape})
+            self._last_end = now
+        self.begin("between_steps")
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

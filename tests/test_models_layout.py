@@ -55,6 +55,9 @@ class _Parts:
     def __init__(self, parts: dict) -> None:
         self.__dict__.update(parts)
 
+    def encoder(self, part: str):
+        return getattr(self, part)
+
 
 def test_fluxgym_folder(fluxgym, parts):
     files = resolve_files(_cfg(fluxgym))
