@@ -170,18 +170,20 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor), PYTHONUNBUFFERED="1")
     smi = SmiPeak()
     t0 = time.monotonic()
+    # not from the checkout: `-m` would import its fluxlora/ instead of the installed package
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=args.work)
     try:
-        # not from the checkout: `-m` would import its fluxlora/ instead of the installed package
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.cell_timeout, cwd=args.work)
-        rc, out = r.returncode, r.stdout + r.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
-                                     for x in (e.stdout, e.stderr))
+        out, _ = proc.communicate(timeout=args.cell_timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, rc = proc.communicate()[0], "timeout"
     wall = time.monotonic() - t0
     folder = Path(args.work) / name
     stages = folder / "stages.json"
     row = {"cell": name, "tier": tier, "res": res, "rc": rc, "wall_s": round(wall, 1), "smi_peak_mib": smi.stop(),
-           "smi_apps_mib": smi.apps,
+           "smi_apps_mib": smi.apps, "smi_run_mib": sum(v for k, v in smi.apps.items() if k.split()[0] == str(proc.pid)),
+           "parallel": args.parallel,
            "lora": (folder / f"{name}.safetensors").exists(),
            "grids": len(list((folder / "sample").glob("*_grid.png"))) if (folder / "sample").exists() else 0,
            "errors": [ln for ln in out.splitlines() if "fluxlora: error" in ln or "Error" in ln][-3:],
@@ -209,29 +211,43 @@ def main() -> None:
     parser.add_argument("--cell-timeout", type=float, default=420)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny files (a CPU smoke test of this script)")
+    parser.add_argument("--parallel", type=int, default=1, help="cells run at once (timings then share the GPU)")
+    parser.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="append each cell's JSON line to this file")
     parser.add_argument("overrides", nargs="*", help="more overrides for every cell, e.g. trainer.accelerator=cpu")
     args = parser.parse_args()
     args.models, args.work = Path(args.models), Path(args.work)
     args.data, args.prompts = args.work / "dataset", args.work / "prompts.txt"
-    write_models(args.models, args.device, args.tiny)
+    if args.write_only:
+        write_models(args.models, args.device, args.tiny)
+        return
+    # in a child: CUDA initialised here would hold its context and cache on the GPU the cells are measured on
+    subprocess.run([sys.executable, __file__, "--write-only", "--models", str(args.models), "--work", str(args.work),
+                    "--device", args.device, *(["--tiny"] if args.tiny else [])], check=True)
     write_dataset(args.data, 8 if args.tiny else 1)
     args.prompts.write_text("\n".join(p.format(steps=args.sample_steps) for p in PROMPTS) + "\n")
     extra = [f"model.t5xxl={args.models / 'clip' / 't5xxl_fp8_e4m3fn.safetensors'}"] if args.t5 == "fp8" else []
     tag = "-t5fp8" if args.t5 == "fp8" else ""
-    for res in args.res:
-        for tier in args.tiers:
-            inductor = args.work / f"inductor-{tier}-{res}{tag}"
-            rows = [run_cell(args, tier, res, extra, tag, inductor, args.steps)]
-            if args.warm:
-                rows.append(run_cell(args, tier, res, [*extra, "resume=null", "sample.every_n_steps=0",
-                                                       "sample.at_end=false"], f"{tag}-warm", inductor, 2))
+    cells = [(tier, res) for res in args.res for tier in args.tiers]
+
+    def cell(tier_res) -> list[dict]:
+        tier, res = tier_res
+        inductor = args.work / f"inductor-{tier}-{res}{tag}"
+        rows = [run_cell(args, tier, res, extra, tag, inductor, args.steps)]
+        if args.warm:
+            rows.append(run_cell(args, tier, res, [*extra, "resume=null", "sample.every_n_steps=0",
+                                                   "sample.at_end=false"], f"{tag}-warm", inductor, 2))
+        return rows
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(args.parallel) as pool:  # >1: memory peaks hold, timings share the GPU
+        for rows in pool.map(cell, cells):
             for row in rows:
                 print(json.dumps(row), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
-
 
 if __name__ == "__main__":
     main()
