@@ -17,6 +17,7 @@ from typing_extensions import override
 from fluxlora.distributed import agree_max
 from fluxlora.errors import RunInterrupted
 from fluxlora.heartbeat import heartbeat
+from fluxlora.process_exit import StopSignal, clear_stop, request_stop, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class PeriodicCheckpoint(Checkpoint):
         if step == self._boundary_step:  # no optimizer step finished (accumulation, skipped step)
             return
         self._boundary_step = step
-        signum = self._signal or (signal.SIGTERM if trainer.received_sigterm else 0)
+        # our handler's signal, or one that killed the DataLoader workers (fluxlora.process_exit records both)
+        signum = self._signal or stop_requested() or (signal.SIGTERM if trainer.received_sigterm else 0)
         due = bool(self._every_steps and step % self._every_steps == 0) or bool(
             self._every_s and time.monotonic() - self._last_save_t >= self._every_s)
         # one all-reduce: a signal on any rank stops every rank; rank 0's clock decides a time-based save
@@ -183,6 +185,7 @@ class PeriodicCheckpoint(Checkpoint):
     def _install_handlers(self) -> None:
         # Installed at train start, after Lightning's own SIGTERM handler (which would raise at a batch end and
         # exit 0), so the signal is ours; restored before Lightning restores its pre-fit handlers.
+        clear_stop()
         if not self._on_signal or threading.current_thread() is not threading.main_thread():
             return
         self._signal = None
@@ -190,13 +193,17 @@ class PeriodicCheckpoint(Checkpoint):
             self._handlers[sig] = signal.signal(sig, self._on_signal_received)
 
     def _restore_handlers(self) -> None:
+        clear_stop()  # the request lives while training does: RunInterrupted carries it on from here
         while self._handlers:
             sig, old = self._handlers.popitem()
             signal.signal(sig, old)
 
     def _on_signal_received(self, signum: int, frame: Any) -> None:
-        if self._signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self._signal is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            # not KeyboardInterrupt, which Lightning turns into exit status 1
+            raise StopSignal(signum, f"stopped at once by a second SIGINT after step {self._boundary_step}; the last "
+                                     "saved checkpoint is intact (run again with resume=auto)")
         self._signal = signum
+        request_stop(signum)
         log.warning("received %s: saving a checkpoint at the next step boundary, then stopping "
                     "(press Ctrl-C again to stop at once)", signal.Signals(signum).name)

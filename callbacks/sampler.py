@@ -24,6 +24,7 @@ from fluxlora.distributed import wait_for_rank_zero
 from fluxlora.encode import VAE_DECODE_BYTES_PER_PIXEL
 from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
+from fluxlora.process_exit import track_native_thread
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
 from fluxlora.speed import eager_blocks
 
@@ -48,6 +49,7 @@ class SampleRound:
     abandoned: bool = False
     started: float = field(default_factory=time.monotonic)
     finished: Optional[float] = None
+    left_running: bool = False  # still running after the end's bounded wait: not waited for again
 
     @property
     def alive(self) -> bool:
@@ -93,13 +95,16 @@ class TimedSampler(L.Callback):
     """Render sample prompts every N steps and/or at the start and end of training, without ever stalling it.
 
     Guarantee: sampling never blocks a training step for longer than ``timeout_s`` and never blocks it at all in
-    ``thread`` mode, and a hung sampler never blocks the end of the run beyond ``timeout_s``. Each round renders on
-    its own daemon thread from a *snapshot* of the LoRA weights at the step it was due. A round still running when
-    the next one is due makes that one be skipped (logged, never awaited); a round that runs past ``timeout_s`` is
-    abandoned, logged with its thread's stack, and asked to stop at its next denoising step. In a DDP run only
-    rank 0 samples; where it may block (the first round's copy, ``between_steps``, the end) the other ranks wait for
-    it in one barrier bounded by the round's timeout, sending heartbeats, instead of timing out in the next
-    collective.
+    ``thread`` mode, and a hung sampler never blocks the end of the run beyond ``timeout_s`` + ``cancel_wait_s``.
+    Each round renders on its own daemon thread from a *snapshot* of the LoRA weights at the step it was due. A round
+    still running when the next one is due makes that one be skipped (logged, never awaited); a round that runs past
+    ``timeout_s`` is abandoned, logged with its thread's stack, and asked to stop at its next denoising step. At the
+    end of the run (and on an error) a round still running is asked to stop and awaited at most ``cancel_wait_s``:
+    a thread left inside a torch call when the interpreter exits aborts the process (status 134), so one that is
+    still running after that is left to :mod:`fluxlora.process_exit`, which then ends the process without it and
+    with the run's own status. In a DDP run only rank 0 samples; where it may block (the first round's copy,
+    ``between_steps``, the end) the other ranks wait for it in one barrier bounded by the round's timeout, sending
+    heartbeats, instead of timing out in the next collective.
 
     Modes (the training transformer changes under a concurrent sampler, so the sampler needs its own weights):
 
@@ -128,6 +133,7 @@ class TimedSampler(L.Callback):
         defaults: values for flags a prompt line leaves out (width, height, seed, steps, guidance).
         mode: auto | thread | between_steps | off (see above).
         memory_margin_gb: GPU memory `auto` keeps free besides the sampling copy.
+        cancel_wait_s: at the end of the run, how long a cancelled round may take to reach its next denoising step.
 
     Example::
 
@@ -137,7 +143,8 @@ class TimedSampler(L.Callback):
 
     def __init__(self, output_dir: str, name: str, prompts: Optional[list] = None, prompts_file: Optional[str] = None,
                  every_n_steps: int = 0, at_start: bool = False, at_end: bool = True, timeout_s: float = 600.0,
-                 defaults: Optional[dict] = None, mode: str = "auto", memory_margin_gb: float = 2.0) -> None:
+                 defaults: Optional[dict] = None, mode: str = "auto", memory_margin_gb: float = 2.0,
+                 cancel_wait_s: float = 30.0) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be a non-negative int, got {every_n_steps!r}")
@@ -147,6 +154,8 @@ class TimedSampler(L.Callback):
             raise ValueError(f"sample.mode={mode!r} is not one of {MODES}")
         if not isinstance(memory_margin_gb, (int, float)) or memory_margin_gb < 0:
             raise ValueError(f"memory_margin_gb must be >= 0, got {memory_margin_gb!r}")
+        if not isinstance(cancel_wait_s, (int, float)) or isinstance(cancel_wait_s, bool) or cancel_wait_s < 0:
+            raise ValueError(f"cancel_wait_s must be a number >= 0, got {cancel_wait_s!r}")
         self._dir = Path(output_dir) / "sample"
         self._name = str(name)
         self._prompts = load_prompts(list(prompts or []), prompts_file, dict(defaults or {}))
@@ -156,6 +165,7 @@ class TimedSampler(L.Callback):
         self._timeout = float(timeout_s)
         self._mode = mode
         self._margin = int(float(memory_margin_gb) * _GiB)
+        self._cancel_wait = float(cancel_wait_s)
         self._renderer: SampleRenderer | None = None
         self._model: Optional[torch.nn.Module] = None  # the sampling copy (thread mode)
         self._lora_dst: dict[str, torch.nn.Parameter] = {}
@@ -202,6 +212,7 @@ class TimedSampler(L.Callback):
         job.thread = threading.Thread(target=self._render, args=(job, transformer, pl_module),
                                       name=f"fluxlora-sampler-{step}", daemon=True)
         self._job = job
+        track_native_thread(job.thread)
         job.thread.start()
         if wait or self.mode == "between_steps":
             self._wait(job, trainer)
@@ -324,6 +335,22 @@ class TimedSampler(L.Callback):
         log.error("stage 'sampling': the round of step %d ran past its timeout of %gs and is abandoned; training "
                   "goes on. Its thread's stack:\n%s", job.step, self._timeout, job.stack())
 
+    def _stop_round(self) -> None:
+        """Cancel a round still running and wait, bounded by `cancel_wait_s`, for it to reach its next denoising
+        step: the process must not end with the thread inside a torch call."""
+        job = self._job
+        if job is None or not job.alive or job.left_running:
+            return
+        job.cancel.set()
+        deadline = time.monotonic() + self._cancel_wait
+        while job.alive and time.monotonic() < deadline:
+            job.thread.join(min(0.5, max(0.0, deadline - time.monotonic())))
+            heartbeat("sampling", f"stopping the round of step {job.step}")
+        if job.alive:
+            job.left_running = True
+            log.error("stage 'sampling': the round of step %d did not stop within %gs of being cancelled; the run "
+                      "ends without it. Its thread's stack:\n%s", job.step, self._cancel_wait, job.stack())
+
     def _log_images(self, trainer: L.Trainer, job: SampleRound) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
@@ -368,17 +395,17 @@ class TimedSampler(L.Callback):
             step = trainer.global_step
             if self._at_end and (self._job is None or self._job.step != step):
                 self.sample(trainer, pl_module, step, wait=True)
-        wait_for_rank_zero(trainer, "sampling", 2 * self._timeout)  # the running round, then the last one
+            self._stop_round()  # an abandoned round: cancelled and awaited now, while the run still waits here
+        # the running round, then the last one, then stopping one of them
+        wait_for_rank_zero(trainer, "sampling", 2 * self._timeout + self._cancel_wait)
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._job is not None:
-            self._job.cancel.set()  # never waited for: the thread is a daemon and stops at its next step
+        self._stop_round()
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._job is not None and self._job.alive:
-            self._job.cancel.set()
+        self._stop_round()
         self._model = None
 
 

@@ -23,7 +23,9 @@ class StepHeartbeatWatchdog(HeartbeatMonitor, L.Callback):
     Python stack (``faulthandler``) to ``monitor_log`` and the log, then ends the process with
     :data:`WATCHDOG_EXIT_CODE` through ``os._exit``, which works while the main thread is blocked in C (a
     Python-level interrupt would never be delivered there). If a C call holds the GIL so that the monitor thread
-    itself cannot run, faulthandler's own C thread dumps the stacks ``gil_backstop_s`` later and exits with status 1.
+    itself cannot run, faulthandler's own C thread dumps the stacks ``gil_backstop_s`` later and exits with status 1;
+    the training thread re-arms that backstop itself wherever the limit changes (the switch to the short limit after
+    the first step, a stage with its own limit), so a stall right after such a change is caught at the new limit.
     A heartbeat file (step, stage, time of the last heartbeat, current limit) is rewritten atomically for an outside
     supervisor. With ``gpu_idle_timeout_s`` and NVML available, a training step during which the GPU stays at 0 %
     for that long ends the run the same way (off on the CPU). The watchdog is cancelled on a normal end, on an
@@ -78,9 +80,9 @@ class StepHeartbeatWatchdog(HeartbeatMonitor, L.Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._phase = "train"
         # batch-end callbacks, logging and loading the next batch
         self.beat("between_steps", step=trainer.global_step)
+        self.enter_training_phase()  # once; re-arms the GIL backstop and rewrites the heartbeat file from this thread
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -35,5 +35,13 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(e.exit_code)  # 2; 75 when another rank of a DDP run stalled or died; 143/130 after a signal
 
 
+def cli() -> None:
+    """The `fluxlora` command and `python -m fluxlora`: main(), then the process ends with the run's exit status
+    (fluxlora.process_exit owns how: SIGTERM/SIGINT before training, threads left running)."""
+    from fluxlora.process_exit import run_main
+
+    run_main(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -91,6 +91,7 @@ class HeartbeatMonitor:
         self._gpu_util: Optional[Callable[[], Optional[float]]] = None
         self._gpu_idle_since: Optional[float] = None
         self._backstop_file: Optional[IO] = None
+        self._armed: Optional[float] = None  # the limit the GIL backstop is armed for; None = not armed
         self._killer: Optional[threading.Timer] = None
         self.fired: Optional[str] = None
 
@@ -120,19 +121,34 @@ class HeartbeatMonitor:
         self._thread = threading.Thread(target=self._run, name="fluxlora-watchdog", daemon=True)
         self._thread.start()
         _ACTIVE.append(self)
+        if self._backstop is not None and self._backstop_file is not None:
+            self._arm_backstop(self.limit())
         log.debug("watchdog started: limits %s, poll %.2fs", self._timeouts, self._poll)
 
     def beat(self, stage: str, detail: str = "", step: Optional[int] = None) -> None:
-        """Record progress in `stage` (cheap: one monotonic read and one tuple store)."""
+        """Record progress in `stage` (cheap: one monotonic read, one tuple store, one dict look-up). A stage whose
+        limit differs re-arms the GIL backstop from this thread: the monitor thread may not get the GIL to do it."""
         self._beat = (time.monotonic(), stage, detail, self._beat[3] if step is None else step)
+        if self._armed is not None:
+            limit = self._stage_timeouts.get(stage, self._timeouts[self._phase])
+            if limit != self._armed:
+                self._arm_backstop(limit)
 
     def progress(self, done: int, total: int) -> None:
         """A `progress(done, total)` hook for long loops such as caching."""
         self.beat("caching", f"{done}/{total}")
 
     def enter_training_phase(self) -> None:
-        """Switch to the short limit (done by the first finished training batch)."""
+        """Switch to the short limit (done by the first finished training batch), from the calling thread: the GIL
+        backstop is re-armed and the heartbeat file rewritten now, as a C call holding the GIL right after this
+        would keep the monitor thread from doing either (the backstop would stay at the setup limit)."""
+        if self._phase == "train":
+            return
         self._phase = "train"
+        if self._armed is not None:
+            self._arm_backstop(self.limit())
+        if self.running:
+            self._write_heartbeat()
 
     def stop(self, reason: str = "stopped", error: Optional[str] = None) -> None:
         """Cancel the watchdog: the monitor thread ends and the heartbeat file says `reason` (and `error`, which
@@ -144,6 +160,7 @@ class HeartbeatMonitor:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5 * self._poll + 1)
         if self._backstop is not None:
+            self._armed = None
             faulthandler.cancel_dump_traceback_later()
         if thread is not None or error:
             self._write_heartbeat(state=reason, error=error)
@@ -168,7 +185,8 @@ class HeartbeatMonitor:
 
     def _check(self) -> bool:
         """One look at the heartbeat; True when the watchdog fired."""
-        mono, stage, detail, step = self._beat
+        beat = self._beat
+        mono, stage, detail, step = beat
         limit = self.limit(stage)
         late = time.monotonic() - mono
         if self._heartbeat_path is not None and self._written is not self._beat:
@@ -178,10 +196,15 @@ class HeartbeatMonitor:
             self._fire(f"no heartbeat for {late:.1f}s in stage '{stage}'{where} at step {step} "
                        f"(limit {limit:g}s, phase {self._phase})")
             return True
-        if self._backstop is not None and self._backstop_file is not None:
+        if self._armed is not None and self._beat is beat:  # (a newer beat re-armed it itself if its limit differs)
             # re-armed while this thread can run; fires only if a C call holds the GIL past limit + backstop
-            faulthandler.dump_traceback_later(limit - late + self._backstop, exit=True, file=self._backstop_file)
+            self._arm_backstop(limit, late)
         return self._check_gpu(stage, step)
+
+    def _arm_backstop(self, limit: float, late: float = 0.0) -> None:
+        """Have faulthandler's C thread dump the stacks and exit 1 at `limit - late + gil_backstop_s` from now."""
+        self._armed = limit
+        faulthandler.dump_traceback_later(limit - late + self._backstop, exit=True, file=self._backstop_file)
 
     def _check_gpu(self, stage: str, step: int) -> bool:
         if self._gpu_util is None or self._phase != "train" or stage != "training_step":
@@ -202,6 +225,7 @@ class HeartbeatMonitor:
     def _fire(self, what: str) -> None:
         """Dump stacks and end the process; bounded even if logging itself blocks (e.g. a full stderr pipe)."""
         if self._backstop is not None:
+            self._armed = None
             faulthandler.cancel_dump_traceback_later()
         code = self._exit_code
         self.fired = what
@@ -240,8 +264,9 @@ class HeartbeatMonitor:
                   "updated": now, "rank": self.rank, "host": socket.gethostname()}
         if error:
             record["error"] = error[:2000]
-        # no fsync: this file is for a live reader, not for crash recovery; the rename keeps it whole
-        tmp = self._heartbeat_path.with_name(f".{self._heartbeat_path.name}.{os.getpid()}.tmp")
+        # no fsync: this file is for a live reader, not for crash recovery; the rename keeps it whole. One temp
+        # name per thread: the training thread writes it too (at the phase switch)
+        tmp = self._heartbeat_path.with_name(f".{self._heartbeat_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self._heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps(record))

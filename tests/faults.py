@@ -22,8 +22,14 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _block(how: str, fifo: Optional[str]) -> None:
-    """Block the calling thread inside a C call: a long sleep, or opening a FIFO nobody writes to."""
-    if how == "fifo":
+    """Block the calling thread inside a C call: a long sleep, a sleep that keeps holding the GIL (`gil`: libc's
+    sleep through ctypes.PyDLL, which does not release it, as a stuck extension would), or opening a FIFO nobody
+    writes to."""
+    if how == "gil":
+        import ctypes
+
+        ctypes.PyDLL(None).sleep(3600)
+    elif how == "fifo":
         with open(fifo, "rb") as f:  # open() of a FIFO waits in the kernel for a writer
             f.read()
     else:
@@ -31,13 +37,17 @@ def _block(how: str, fifo: Optional[str]) -> None:
 
 
 class BlockInStep(L.Callback):
-    """Inside the training step of `at_step` (after backward, before the optimizer step), block in C."""
+    """Inside the training step of `at_step` (after backward, before the optimizer step), block in C. With `mark`,
+    write `{"pid", "time"}` there just before (a test times what follows from it)."""
 
-    def __init__(self, at_step: int, how: str = "sleep", fifo: Optional[str] = None) -> None:
-        self.at_step, self.how, self.fifo = at_step, how, fifo
+    def __init__(self, at_step: int, how: str = "sleep", fifo: Optional[str] = None,
+                 mark: Optional[str] = None) -> None:
+        self.at_step, self.how, self.fifo, self.mark = at_step, how, fifo, mark
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == self.at_step:
+            if self.mark:
+                Path(self.mark).write_text(json.dumps({"pid": os.getpid(), "time": time.time()}))
             _block(self.how, self.fifo)
 
 
@@ -73,6 +83,15 @@ class SlowStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         time.sleep(self.seconds)
+
+
+class SlowStart(L.Callback):
+    """Take `seconds` to build (callbacks are built after caching, before training starts): a slow stage outside the
+    training steps. Writes `{"pid", "time"}` to `mark` first, so a test can act while it sleeps."""
+
+    def __init__(self, seconds: float, mark: str) -> None:
+        Path(mark).write_text(json.dumps({"pid": os.getpid(), "time": time.time()}))
+        time.sleep(seconds)
 
 
 class BatchRecorder(L.Callback):

@@ -4,6 +4,7 @@ DataLoader worker, a corrupt file. Each ends with a one-line error naming the st
 import logging
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -169,3 +170,28 @@ def test_worker_errors_come_back_as_their_one_line_selves():
     assert isinstance(err, StageTimeoutError) and err.stage == "cache read" and err.seconds == 30
     assert str(err) == "stage 'cache read' made no progress for 30s: reading /c/a.npz blocked"
     assert error_from_worker("ValueError: unrelated") is None
+
+
+def test_worker_killed_by_sigterm_is_a_stop_not_a_failure(tmp_path, make_cfg):
+    """systemd/SLURM signal every process of the job: a worker's death by SIGTERM is the run's stop (exit 143)."""
+    from fluxlora.errors import RunInterrupted
+    from fluxlora.process_exit import clear_stop, stop_requested
+
+    dm = _ready_dm(tmp_path, make_cfg, "data.num_workers=1", "data.timeout=20", "data.num_repeats=20")
+    it = iter(dm.train_dataloader())
+    next(it)
+    [worker] = it._it._workers
+    assert os.getpgid(worker.pid) == worker.pid != os.getpgid(0)  # out of our group: a group signal misses it
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RunInterrupted) as e:  # the batches it already delivered come first
+            # from another process, as systemd's is: PyTorch's workers take a SIGTERM from their parent for a
+            # shutdown and exit 0
+            subprocess.run(["kill", "-TERM", str(worker.pid)], check=True, timeout=10)
+            for _ in range(100):
+                next(it)
+        assert stop_requested() == signal.SIGTERM  # what PeriodicCheckpoint reads at the step boundary
+    finally:
+        clear_stop()
+    assert e.value.exit_code == 143 and str(e.value).startswith("stopped by SIGTERM while a batch was loading")
+    assert time.monotonic() - t0 < 20, "found through SIGCHLD, not by waiting out the timeout"

@@ -1,6 +1,7 @@
 """TimedSampler under faults: a hung sampling thread never blocks training or its end; the tight-tier mode."""
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -8,14 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from faults import fluxlora_cmd, run_cli
 from fluxlora.callbacks.sampler import choose_mode
 from fluxlora.sampling import SampleRenderer
 from fluxlora.train import run
 
 TIMEOUT = 1.0
-# 8 steps (4 per epoch); a round every 2 steps; every step takes >= 0.1 s so rounds overlap steps
+# 8 steps (4 per epoch); a round every 2 steps; every step takes >= 0.1 s so rounds overlap steps; the end waits
+# 1 s for a cancelled round
 SAMPLED = ("trainer.max_epochs=2", "sample.every_n_steps=2", f"sample.timeout_s={TIMEOUT}",
-           "+callbacks.slow._target_=faults.SlowStep", "+callbacks.slow.seconds=0.1")
+           "+callbacks.slow._target_=faults.SlowStep", "+callbacks.slow.seconds=0.1",
+           "callbacks.sampler.cancel_wait_s=1")
 
 
 @pytest.fixture
@@ -65,6 +69,7 @@ def test_hung_sampling_round_is_abandoned_and_training_completes(make_cfg, hang_
     assert (out / "sample" / "hung_000002_grid.png").is_file()
     assert not (out / "sample" / f"hung_{step:06d}_grid.png").exists()
     assert took < 60  # the run ended although the thread is still blocked
+    assert len(_messages(caplog, f"the round of step {step} did not stop within 1s of being cancelled")) == 1
 
 
 def test_thread_mode_renders_the_snapshot_while_training_goes_on(make_cfg, caplog):
@@ -113,3 +118,27 @@ def test_with_block_swapping_the_sampler_renders_between_steps_and_refuses_a_cop
         TimedSampler(str(tmp_path), "run", prompts=["a cat"], mode="thread")._resolve_mode(module)
     with pytest.raises(ValueError, match="block swapping"):
         sampling_copy(transformer, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cancel_wait_s", [30, 0])
+def test_endless_round_at_the_end_exits_0_with_the_lora_written(tmp_path, cancel_wait_s):
+    """The end-of-run round never finishes (a million denoising steps): it is abandoned at its timeout and stops at
+    its next denoising step (cancel_wait_s=30), or, not awaited (0), is left behind by process_exit's os._exit; the
+    interpreter never exits under a thread inside a torch call (`terminate called ...`, status 134)."""
+    name = f"endless{cancel_wait_s}"
+    cmd = fluxlora_cmd(tmp_path, f"name={name}", "trainer.max_epochs=1", "sample.prompts=[endless --s 1000000]",
+                       "sample.timeout_s=3", f"callbacks.sampler.cancel_wait_s={cancel_wait_s}")
+    r = run_cli(cmd, timeout=150, cwd=tmp_path)
+    out = r.stdout
+    assert r.returncode == 0, out[-3000:]
+    assert "terminate called" not in out and "fluxlora: error:" not in out
+    assert "stage 'sampling': the round of step 4 ran past its timeout of 3s" in out
+    saved = re.findall(r"^LoRA saved to (.+)$", out, re.M)
+    lora = tmp_path / "outputs" / name / f"{name}.safetensors"
+    assert saved and Path(saved[-1]) == lora and lora.stat().st_size > 0
+    left = "ending the process (status 0) without waiting for thread(s) still running: fluxlora-sampler-4"
+    if cancel_wait_s:
+        assert "did not stop within" not in out and left not in out  # it stopped at its next denoising step
+    else:
+        assert left in out

@@ -70,3 +70,34 @@ def test_checkpoint_write_that_stalls_is_killed_then_resumed(tmp_path, make_cfg)
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]
     last = torch.load(folder / "last.ckpt", weights_only=True)
     assert last["global_step"] == 8 and last["fluxlora_run"]["finished"]
+
+
+BACKSTOP = 2.0  # seconds faulthandler's C thread waits past the limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at_step", [1, 5])
+def test_step_holding_the_gil_is_ended_by_the_backstop_at_the_train_limit(tmp_path, at_step):
+    """A C call that keeps the GIL starves the monitor thread; faulthandler's backstop, re-armed by the training
+    thread when the phase switched to the short limit, ends the run at that limit (not at the setup limit)."""
+    from fluxlora.supervise import Supervisor, Watch
+
+    mark = tmp_path / "stall.json"
+    name = f"gil{at_step}"
+    cmd = fluxlora_cmd(tmp_path, f"name={name}", *COMMON, f"callbacks.watchdog.gil_backstop_s={BACKSTOP}",
+                       "+callbacks.stuck._target_=faults.BlockInStep", f"+callbacks.stuck.at_step={at_step}",
+                       "+callbacks.stuck.how=gil", f"+callbacks.stuck.mark={mark}")
+    r = run_cli(cmd, timeout=120, cwd=tmp_path)  # the setup limit (120 s + backstop) would be a test timeout
+    ended = time.time()
+    out_dir = tmp_path / "outputs" / name
+    assert r.returncode == 1, r.stdout[-3000:]  # faulthandler's exit
+    assert ended - json.loads(mark.read_text())["time"] < LIMIT + BACKSTOP + 2.5
+    log = (out_dir / "monitor.log").read_text()
+    assert "Timeout (0:00:0" in log and "in _block" in log and "in on_after_backward" in log  # the stuck frames
+    beat = json.loads((out_dir / "heartbeat.json").read_text())
+    assert beat["phase"] == "train" and beat["timeout_s"] == LIMIT  # what the supervisor reads, not 120 s
+    if at_step == 5:
+        assert torch.load(out_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    watch = Watch(out_dir / "heartbeat.json", out_dir / "monitor.log", 120.0, 75)
+    cause = Supervisor([], watch)._cause(r.returncode, 0)  # README: "one the GIL backstop ended is restarted"
+    assert cause is not None and cause.startswith("faulthandler's GIL backstop ended the child")

@@ -178,3 +178,45 @@ def test_gil_held_by_a_c_call_is_caught_by_the_faulthandler_backstop(tmp_path):
     assert ended - entered < 0.5 + 0.5 + 1.5  # limit + backstop + exit margin
     log = (tmp_path / "monitor.log").read_text()
     assert "Timeout (" in log and "in <module>" in log
+
+
+def test_phase_switch_rewrites_the_heartbeat_file_from_the_calling_thread(tmp_path, exits):
+    w = _watchdog(tmp_path, setup_timeout_s=60.0, step_timeout_s=3.0, poll_s=30.0)  # the monitor: never again
+    w.start("setup")
+    try:
+        time.sleep(0.2)
+        w.beat("between_steps", step=1)
+        w.enter_training_phase()
+        beat = json.loads((tmp_path / "heartbeat.json").read_text())
+    finally:
+        w.stop()
+    assert beat["phase"] == "train" and beat["timeout_s"] == 3.0 and beat["stage"] == "between_steps"
+
+
+_GIL_AFTER_SWITCH = textwrap.dedent("""
+    import re, sys, time
+    from fluxlora.heartbeat import HeartbeatMonitor
+    w = HeartbeatMonitor(setup_timeout_s=60, step_timeout_s=0.5, poll_s=30, gil_backstop_s=0.5,
+                         stage_timeouts={"checkpoint_save": 60}, monitor_log=sys.argv[1] + "/monitor.log")
+    w.start("setup")
+    time.sleep(0.2)  # the monitor thread is asleep for 30 s: only the training thread can re-arm the backstop
+    w.enter_training_phase()
+    if sys.argv[2] == "stage":  # a stage with a long limit, then back to the short one
+        w.beat("checkpoint_save")
+        w.beat("between_steps")
+    print("entering", time.time(), flush=True)
+    re.match(r"(a+)+$", "a" * 40 + "b")  # minutes in C, holding the GIL
+    print("not reached", flush=True)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["phase", "stage"])
+def test_backstop_follows_a_limit_change_made_just_before_the_gil_is_held(tmp_path, change):
+    r = subprocess.run([sys.executable, "-c", _GIL_AFTER_SWITCH, str(tmp_path), change], capture_output=True,
+                       text=True, timeout=60)
+    ended = time.time()
+    assert r.returncode == 1 and "not reached" not in r.stdout, r.stderr[-2000:]
+    entered = float(r.stdout.split("entering")[1].split()[0])
+    assert ended - entered < 0.5 + 0.5 + 1.5  # the short limit + backstop + exit margin, not the 60 s ones
+    assert "Timeout (" in (tmp_path / "monitor.log").read_text()

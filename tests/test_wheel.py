@@ -79,7 +79,7 @@ def test_wheel_ships_configs_and_callbacks(wheel):
     vram = {n.rsplit("/", 1)[1] for n in names if re.fullmatch(r"fluxlora/conf/vram/[^/]+\.yaml", n)}
     assert vram == {f.name for f in (REPO / "conf" / "vram").glob("*.yaml")}
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "fluxlora = fluxlora.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "fluxlora = fluxlora.__main__:cli" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 @pytest.mark.slow

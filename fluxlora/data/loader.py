@@ -8,6 +8,11 @@ unbounded are bounded here too: a batch whose shared-memory handle must be fetch
 (`_StallWatch`), and a worker's death reported by PyTorch's SIGCHLD handler at a random line of the main thread
 (re-raised as a `FluxLoraError` naming the stage).
 
+A SIGTERM/SIGINT is for the main process, which stops at a step boundary and shuts the workers down itself:
+`seed_worker` moves each worker out of the process group that `kill -- -PGID`, `timeout` or Ctrl-C signal, and a
+worker killed by SIGTERM/SIGINT all the same (systemd or SLURM signal every process of the job) is taken as a
+request to stop, not as a data-loading failure.
+
 Example::
 
     loader = StageNamedDataLoader(CachedDataset(entries, read_timeout=30), batch_sampler=sampler, num_workers=2,
@@ -21,6 +26,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -34,14 +40,17 @@ from torch.utils.data import DataLoader, Dataset
 from fluxlora.data.buckets import SampleKey
 from fluxlora.data.cache import CacheEntry
 from fluxlora.data.cache_format import read_sample
-from fluxlora.errors import FluxLoraError, StageTimeoutError
+from fluxlora.errors import FluxLoraError, RunInterrupted, StageTimeoutError
+from fluxlora.process_exit import STOP_SIGNALS, request_stop, stop_requested
 
 log = logging.getLogger(__name__)
 
 _STAGE = "data loading"
+_PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 _TORCH_SIGNALS = "torch.utils.data._utils.signal_handling"
 _WATCH_GRACE_S = 1.0  # PyTorch's own timeout, when it applies, fires first and gives the usual message
 _worker_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()  # live PyTorch iterators with worker processes
+_fetching = 0  # > 0 while the main thread waits in a loader's next() (then a stop must not wait out the timeout)
 
 
 class CachedDataset(Dataset):
@@ -97,10 +106,27 @@ class CachedDataset(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in each worker from torch's per-worker seed (base seed + worker id)."""
+    """Seed numpy and random in each worker from torch's per-worker seed (base seed + worker id); take the worker
+    out of the main process's group (`isolate_worker`)."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    isolate_worker()
+
+
+def isolate_worker() -> None:
+    """In a DataLoader worker: let a SIGTERM/SIGINT sent to the whole process group reach only the main process.
+
+    The worker gets its own process group; it still dies with the main process (Linux: the parent-death signal), so
+    a SIGKILL to the old group, which no longer reaches it, leaves no orphan.
+    """
+    # own group rather than SIG_IGN: PyTorch's w.terminate() at shutdown (a SIGTERM from the parent) must still work
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # not the main process's stop handler, inherited
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 _WORKER_ERROR = re.compile(r"^fluxlora\.errors\.(\w+): (.*)$")
@@ -119,6 +145,20 @@ def error_from_worker(message: str) -> FluxLoraError | None:
     if t is not None:
         return StageTimeoutError(t.group(1), float(t.group(2)), t.group(3) or "")
     return FluxLoraError(text)
+
+
+def _stop_signal(dead: list) -> int | None:
+    """The stop signal that the dead `dead` workers are part of: a stop already requested, or SIGTERM/SIGINT killed
+    one of them (sent to every process of the job), else None."""
+    return stop_requested() or next((-w.exitcode for w in dead if w.exitcode is not None and -w.exitcode in
+                                      STOP_SIGNALS), None)
+
+
+def _stopped_while_loading(signum: int) -> RunInterrupted:
+    request_stop(signum)
+    return RunInterrupted(f"stopped by {signal.Signals(signum).name} while a batch was loading: the DataLoader "
+                          "workers ended with the signal, so no checkpoint was saved at this step; earlier "
+                          "checkpoints are intact (run again with resume=auto)", signum)
 
 
 def _unwatch_workers(it: Any) -> None:
@@ -191,16 +231,19 @@ class _StageNamedIterator:
         return len(self._it)
 
     def __next__(self) -> Any:
+        global _fetching
         watch = self._loader._stall_watch()
         if watch is not None:
             watch.begin(self._it)
+        _fetching += 1
         try:
             return next(self._it)
-        except (StopIteration, StageTimeoutError):
+        except (StopIteration, StageTimeoutError, RunInterrupted):
             raise
         except Exception as e:
             raise self._translate(e, watch is not None and watch.expired) from None
         finally:
+            _fetching -= 1
             if watch is not None:
                 watch.end()
 
@@ -216,7 +259,10 @@ class _StageNamedIterator:
             return e
         dead = self._dead_workers(wait=isinstance(e, (EOFError, OSError)))
         if (isinstance(e, RuntimeError) and _WORKER_DIED.match(msg)) or dead:
+            stopped = _stop_signal([w for w in getattr(self._it, "_workers", []) if not w.is_alive()])
             self._stop_workers()  # also unwatches them: no second report from the SIGCHLD handler later
+            if stopped:
+                return _stopped_while_loading(stopped)
             if isinstance(e, RuntimeError) and _WORKER_DIED.match(msg):
                 return FluxLoraError(f"stage '{_STAGE}' failed: {msg.splitlines()[0]}")
             return FluxLoraError(f"stage '{_STAGE}' failed: DataLoader worker (pid(s) {', '.join(dead)}) exited "
@@ -245,7 +291,8 @@ class _StageNamedIterator:
 def _name_the_stage_in_sigchld_errors() -> None:
     """PyTorch's SIGCHLD handler raises `RuntimeError: DataLoader worker (pid X) is killed by signal` at whatever line
     the main thread happens to run; wrap it (once, main thread only) so that error names the stage wherever it
-    surfaces."""
+    surfaces. A death that is part of a stop (see `_stop_signal`) is no error: the run stops at the step boundary,
+    or at once if the main thread is waiting for a batch that will not come."""
     if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
         return
     torch_handler = signal.getsignal(signal.SIGCHLD)
@@ -256,9 +303,19 @@ def _name_the_stage_in_sigchld_errors() -> None:
         try:
             torch_handler(signum, frame)
         except RuntimeError as e:
+            stopped = None
             for it in list(_worker_iterators):  # raise once per death, not again at every later SIGCHLD
-                if any(not w.is_alive() for w in getattr(it, "_workers", [])):
+                dead = [w for w in getattr(it, "_workers", []) if not w.is_alive()]
+                if dead:
                     _unwatch_workers(it)
+                    stopped = stopped or _stop_signal(dead)
+            if stopped:
+                request_stop(stopped)  # PeriodicCheckpoint stops at the step boundary
+                if _fetching:  # the batch waited for will never come
+                    raise _stopped_while_loading(stopped) from None
+                log.warning("DataLoader worker(s) ended by %s: stopping at the next step boundary",
+                            signal.Signals(stopped).name)  # this step's batch is already here
+                return
             raise FluxLoraError(f"stage '{_STAGE}' failed: {' '.join(str(e).split())}") from None
 
     signal.signal(signal.SIGCHLD, handler)
