@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_open, fsync_dir
+from fluxlora.errors import WRITE_ONLY_ERRNOS, WriteFailed
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.link(src, tmp)
             os.replace(tmp, dst)
             fsync_dir(dst.parent)
-        except OSError:  # no hard links here (some network or FAT filesystems): a full atomic copy
-            tmp.unlink(missing_ok=True)
+        except OSError as e:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if e.errno in WRITE_ONLY_ERRNOS:  # a copy cannot succeed either: name the file the user looks for
+                raise WriteFailed(e.errno, e.strerror, str(dst)) from e
+            # no hard links here (some network or FAT filesystems): a full atomic copy
             with open(src, "rb") as r, atomic_open(dst, "wb") as w:
                 shutil.copyfileobj(r, w, 1 << 20)
         self._mirror("copy", dst)

@@ -12,6 +12,7 @@ from safetensors.torch import save
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_write_bytes
+from fluxlora.heartbeat import in_stage
 from fluxlora.lora import diffusers_state_dict, kohya_state_dict, training_metadata
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,24 @@ class LoRASaver(L.Callback):
         self.saved: list[Path] = []
         self._last_step_saved = -1  # with gradient accumulation several batches end on the same optimizer step
 
+    def add_metadata(self, **values: Any) -> None:
+        """Header values known only later (the base model's name, once it is loaded: the callbacks are built first)."""
+        self._metadata.update(values)
+
     def save(self, pl_module: L.LightningModule, stem: str, trainer: L.Trainer) -> list[Path]:
         """Write `<stem>.safetensors` (and/or the diffusers variant); returns the written paths."""
         info = {"name": self._name, "guidance": getattr(pl_module, "has_guidance", True),
                 "steps": trainer.global_step, "epoch": trainer.current_epoch, **self._metadata}
         meta = training_metadata(pl_module.lora_settings, info)
         paths = []
-        if self._format in ("kohya", "both"):
-            paths.append(self._write(kohya_state_dict(pl_module.transformer, self._dtype), meta, f"{stem}.safetensors"))
-        if self._format in ("diffusers", "both"):
-            suffix = ".safetensors" if self._format == "diffusers" else ".diffusers.safetensors"
-            paths.append(self._write(diffusers_state_dict(pl_module.transformer, self._dtype), meta, stem + suffix))
+        with in_stage("lora_save", stem):  # a failure here (full disk, out of memory) is named by this stage
+            if self._format in ("kohya", "both"):
+                paths.append(self._write(kohya_state_dict(pl_module.transformer, self._dtype), meta,
+                                         f"{stem}.safetensors"))
+            if self._format in ("diffusers", "both"):
+                suffix = ".safetensors" if self._format == "diffusers" else ".diffusers.safetensors"
+                paths.append(self._write(diffusers_state_dict(pl_module.transformer, self._dtype), meta,
+                                         stem + suffix))
         self.saved.extend(paths)
         return paths
 

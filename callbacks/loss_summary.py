@@ -10,6 +10,9 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from fluxlora.atomic import atomic_open
+from fluxlora.heartbeat import in_stage
+
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +81,6 @@ class LossSummary(L.Callback):
         ax.set_ylabel("flow-matching loss")
         ax.legend()
         fig.tight_layout()
-        self._dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self._dir / "loss_curve.png")
+        with in_stage("loss_curve"), atomic_open(self._dir / "loss_curve.png") as f:  # a failed write names the file
+            fig.savefig(f, format="png")
         plt.close(fig)

@@ -11,6 +11,7 @@ import lightning as L
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_write_text
+from fluxlora.heartbeat import in_stage
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class ModelCard(L.Callback):
         variant = "dev" if getattr(pl_module, "has_guidance", True) else "schnell"
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / "README.md"
-        atomic_write_text(path, self.render(variant, trainer.global_step, trainer.current_epoch))
+        with in_stage("model_card"):
+            atomic_write_text(path, self.render(variant, trainer.global_step, trainer.current_epoch))
         self.written = path
         log.info("model card written to %s", path)

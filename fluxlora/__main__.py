@@ -24,6 +24,7 @@ def _is_multirun() -> bool:
 def main(cfg: DictConfig) -> float | None:
     from fluxlora.train import run
 
+    logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks over the run's one line
     try:
         return run(cfg)
     except FluxLoraError as e:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Iterator
+
+from fluxlora.errors import WriteFailed, write_error
 
 
 def fsync_dir(folder: str | Path) -> None:
@@ -28,21 +30,28 @@ def fsync_dir(folder: str | Path) -> None:
 
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
+    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed.
+
+    A write that fails for a reason the user can fix (a full disk, a read-only or forbidden folder) raises
+    :class:`~fluxlora.errors.WriteFailed` naming `path`, the file the user looks for, never the temp file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            with suppress(OSError):  # already gone, or the folder turned read-only
+                os.unlink(tmp)
+        err = write_error(e)
+        if err is not None and not (isinstance(err, WriteFailed) and err.filename == str(path)):
+            raise WriteFailed(err.errno, err.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 

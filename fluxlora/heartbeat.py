@@ -14,8 +14,9 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 log = logging.getLogger("fluxlora.callbacks.watchdog")
 
@@ -24,6 +25,7 @@ WATCHDOG_EXIT_CODE = 75
 
 _ACTIVE: list["HeartbeatMonitor"] = []  # running monitors of this process (a sweep runs jobs one by one)
 _exit = os._exit  # module attribute so an in-process test can replace it
+_last_stage = "setup"  # of the last heartbeat(), for last_stage() when no watchdog runs
 
 
 def heartbeat(stage: str, detail: str = "") -> None:
@@ -32,8 +34,27 @@ def heartbeat(stage: str, detail: str = "") -> None:
     Cheap (one tuple store per watchdog) and safe to call from any code on the training thread; code that runs a
     long but live stage (caching, a bounded wait) calls it to show it is still moving.
     """
+    global _last_stage
+    _last_stage = stage
     for w in _ACTIVE:
         w.beat(stage, detail)
+
+
+def last_stage() -> str:
+    """The stage this process last announced: the running watchdog's (it also hears Lightning's hooks), else the
+    last `heartbeat()`. Names the stage of a failure (`fluxlora.errors.stage_error`)."""
+    return _ACTIVE[-1].stage if _ACTIVE else _last_stage
+
+
+@contextmanager
+def in_stage(stage: str, detail: str = "") -> Iterator[None]:
+    """Heartbeat `stage` for the block, then go back to the stage each watchdog was in; after an exception the
+    stage stays, so the failure is named by it (a LoRA write inside `between_steps`, say)."""
+    before = [(w, w.stage) for w in _ACTIVE]
+    heartbeat(stage, detail)
+    yield
+    for w, prev in before:
+        w.beat(prev)
 
 
 class HeartbeatMonitor:

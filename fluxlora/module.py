@@ -5,6 +5,7 @@ The step sees only cached tensors: VAE latents, T5 sequence, CLIP pooled embeddi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -179,7 +180,9 @@ class FluxLoRAModule(L.LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fluxlora"] = {"nonfinite_skips": self.nonfinite_skips, "adapted": self.adapted}
+        # the LoRA settings let a re-run tell "already complete" before any model is loaded (fluxlora.resume)
+        checkpoint["fluxlora"] = {"nonfinite_skips": self.nonfinite_skips, "adapted": self.adapted,
+                                  "lora": dataclasses.asdict(self.lora_settings)}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:

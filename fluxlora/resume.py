@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from fluxlora.errors import FluxLoraError
+from fluxlora.lora import LoraSettings
 
 log = logging.getLogger("fluxlora")
 
@@ -120,14 +122,20 @@ def plan_resume(resume: Any, folder: Path, owner: bool = True) -> ResumePlan:
         elif plan.path is None:
             log.info("resume=auto: no checkpoint in %s; starting fresh", folder)
         return plan
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise FluxLoraError(f"resume={value}: no such checkpoint file")
+    path = resume_file(value)
     older = [p for p in candidates(path.parent) if not _same(p, path) and _older(p, path)]
     plan = _first_valid([path, *older])
     if plan.path is None:
         raise FluxLoraError(f"resume={value}: the checkpoint does not load ({'; '.join(plan.rejected)})")
     return plan
+
+
+def resume_file(value: str) -> Path:
+    """The checkpoint file `resume=<path>` names; a FluxLoraError when there is none."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FluxLoraError(f"resume={value}: no such checkpoint file")
+    return path
 
 
 def _older(p: Path, than: Path) -> bool:
@@ -181,6 +189,31 @@ def resume_plan(cfg: Any, out: Path, module: Any, callbacks: list, owner: bool =
                             "another name=")
     log.info("found checkpoint %s (step %d)", plan.path, plan.global_step)
     return plan
+
+
+def finished_run(cfg: Any, out: Path) -> Optional[ResumePlan]:
+    """The plan of a run that has nothing left to do, told from its checkpoint alone, before anything is loaded or
+    written. None when there is training to do, or when the checkpoint was made with other LoRA settings (or by a
+    version that did not record them): the full check after loading then decides and names the difference."""
+    raw = cfg.get("resume")
+    value = None if raw is None or raw is False else str(raw)
+    if value in (None, "", "null", "none", "never", "false"):
+        return None
+    node = (cfg.get("callbacks") or {}).get("checkpoint")
+    folder = Path(str(node.dirpath)) if node is not None and node.get("dirpath") else out / "checkpoints"
+    for path in candidates(folder) if value == "auto" else [resume_file(value)]:
+        ckpt, _ = load_checked(path)
+        if ckpt is None:
+            continue  # not this one: the full check reports it
+        plan = ResumePlan(path, ckpt)
+        lora = (ckpt.get("fluxlora") or {}).get("lora")
+        try:
+            same = lora is not None and LoraSettings(**lora) == LoraSettings(**OmegaConf.to_container(cfg.lora))
+        except (TypeError, ValueError):  # settings of another version: the full check decides
+            same = False
+        done = plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs"))
+        return plan if same and done else None
+    return None
 
 
 def report_complete(name: str, out: Path, plan: ResumePlan) -> None:

@@ -62,13 +62,24 @@ def parse_prompt_line(line: str, defaults: dict | None = None) -> SamplePrompt:
 
 def load_prompts(lines: list[str] | None, file: str | None, defaults: dict) -> list[SamplePrompt]:
     """Prompts from a kohya prompts file and/or a list; blank lines and `#` comments are skipped."""
-    raw = list(lines or [])
+    labelled = [(f"sample.prompts[{i}]", x) for i, x in enumerate(lines or [])]
     if file:
         path = Path(file).expanduser()
         if not path.is_file():
-            raise FluxLoraError(f"sample prompts file {path} does not exist")
-        raw += path.read_text(encoding="utf-8").splitlines()
-    return [parse_prompt_line(x, defaults) for x in raw if x.strip() and not x.lstrip().startswith("#")]
+            raise FluxLoraError(f"sample.prompts_file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FluxLoraError(f"sample.prompts_file {path} cannot be read: {e}") from None
+        labelled += [(f"sample.prompts_file {path} line {i + 1}", x) for i, x in enumerate(text.splitlines())]
+    prompts = []
+    for where, line in labelled:
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                prompts.append(parse_prompt_line(line, defaults))
+            except FluxLoraError as e:
+                raise FluxLoraError(f"{where}: {e}") from None
+    return prompts
 
 
 class SampleRenderer:

@@ -9,50 +9,41 @@ import os
 import re
 import signal
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fluxlora.atomic import atomic_write_text
 from fluxlora.callbacks import StepHeartbeatWatchdog, TimedSampler, heartbeat
+from fluxlora.config_check import check_config, settings
 from fluxlora.cuda_setup import memory_limit, prepare_cuda
 from fluxlora.data import FluxDataModule
+from fluxlora.data.datamodule import cache_batch_size
 from fluxlora.distributed import (DistributedSettings, RankInfo, build_strategy, is_collective_failure,
                                   rank_info, requested_processes)
-from fluxlora.data.datamodule import cache_batch_size
 from fluxlora.encode import StagedEncoders
-from fluxlora.errors import FluxLoraError, RankFailedError, RunInterrupted
+from fluxlora.errors import FluxLoraError, RankFailedError, RunInterrupted, stage_error
 from fluxlora.flow import FlowConfig
+from fluxlora.heartbeat import last_stage
 from fluxlora.lora import LoraSettings
+from fluxlora.loggers import run_loggers
 from fluxlora.memory import MemorySettings, apply_memory_settings, enable_block_swap
 from fluxlora.models import load_components
 from fluxlora.models.components import resolve_dtype
 from fluxlora.module import FluxLoRAModule
 from fluxlora.rank_health import diagnose, heartbeat_path, peers_summary
 from fluxlora.rank_launch import RankLauncher
-from fluxlora.resume import report_complete, resume_plan
+from fluxlora.resume import finished_run, report_complete, resume_plan
 from fluxlora.speed import SpeedSettings, apply_speed_settings
 from fluxlora.stage_clock import StageClock
 
 log = logging.getLogger("fluxlora")
-
-
-def settings(cls, node: Any):
-    """A settings dataclass from a config node; a bad value becomes a one-line FluxLoraError."""
-    known = {f.name for f in fields(cls)}
-    values = OmegaConf.to_container(node, resolve=True)
-    unknown = set(values) - known
-    if unknown:
-        raise FluxLoraError(f"unknown key(s) {sorted(unknown)} for {cls.__name__}; known: {sorted(known)}")
-    try:
-        return cls(**values)
-    except (ValueError, TypeError, NotImplementedError) as e:
-        raise FluxLoraError(str(e)) from e
 
 
 def job_name(cfg: DictConfig) -> str:
@@ -86,11 +77,20 @@ def build_callbacks(cfg: DictConfig, metadata: dict, prebuilt: dict | None = Non
             callbacks.append(prebuilt[key])
             continue
         extra = {"metadata": metadata} if key == "lora_saver" else {}
-        try:
-            callbacks.append(instantiate(node, **extra))
-        except Exception as e:
-            raise FluxLoraError(f"callbacks.{key} could not be built: {e}") from e
+        callbacks.append(_instantiate_callback(key, node, **extra))
     return callbacks
+
+
+def _instantiate_callback(key: str, node: Any, **extra: Any) -> Any:
+    """`callbacks.<key>` built; its constructor's own error (which names the file or flag) as one line."""
+    try:
+        return instantiate(node, **extra)
+    except Exception as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if isinstance(cause, FluxLoraError):
+            raise cause from None
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise FluxLoraError(f"callbacks.{key} could not be built: {first}") from e
 
 
 def start_watchdog(cfg: DictConfig, info: RankInfo | None = None) -> StepHeartbeatWatchdog | None:
@@ -103,15 +103,12 @@ def start_watchdog(cfg: DictConfig, info: RankInfo | None = None) -> StepHeartbe
     if info is not None and info.distributed:
         extra = {"rank": info.rank, **{k: str(heartbeat_path(node[k], info.rank)) for k in ("heartbeat_file",
                                                                                           "monitor_log") if node.get(k)}}
-    try:
-        watchdog = instantiate(node, **extra)
-    except Exception as e:
-        raise FluxLoraError(f"callbacks.watchdog could not be built: {e}") from e
+    watchdog = _instantiate_callback("watchdog", node, **extra)
     if isinstance(watchdog, StepHeartbeatWatchdog):
         if info is not None and info.distributed and node.get("heartbeat_file"):
             base = Path(str(node.heartbeat_file))
             watchdog.peer_report = lambda: peers_summary(base, info.rank, info.world_size)
-        watchdog.start("load_model")
+        watchdog.start("setup")
     return watchdog
 
 
@@ -189,33 +186,41 @@ def run(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.name = name
     out = Path(str(cfg.output.dir))
-    out.mkdir(parents=True, exist_ok=True)
     device = device_for(cfg)
     info = rank_info(cfg, device)
     if info.distributed:
         _tag_logs(info)
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)  # before anything touches the GPU: each rank its own
-    if info.rank == 0:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    check_config(cfg)
+    done = finished_run(cfg, out)
+    if done is not None:  # nothing to do: no config, heartbeat or cache file of the finished run is rewritten
+        return report_complete(name, out, done) if info.rank == 0 else None
     dist = settings(DistributedSettings, cfg.distributed) if cfg.get("distributed") is not None \
         else DistributedSettings()
-    watchdog = start_watchdog(cfg, info)  # covers model loading and caching too
-    group = _start_ranks(cfg, info, dist, name, watchdog) if info.distributed and info.launches else None
+    heartbeat("setup")  # a sweep's next job starts from its own first stage
+    watchdog: StepHeartbeatWatchdog | None = None
+    group: RankLauncher | None = None
     ctx: dict = {}
     failed = True
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        watchdog = start_watchdog(cfg, info)  # covers model loading and caching too
+        group = _start_ranks(cfg, info, dist, name, watchdog) if info.distributed and info.launches else None
         result = _train(cfg, out, name, watchdog, info, dist, ctx)
         failed = False
         return result
     except BaseException as e:
+        named = stage_error(e, watchdog.stage if watchdog is not None else last_stage())
         if watchdog is not None:  # first: the other ranks read it to tell who failed first
-            watchdog.stop("exception", error=f"{type(e).__name__}: {e}")
+            watchdog.stop("exception", error=str(named) if named else f"{type(e).__name__}: {e}")
         if info.distributed and is_collective_failure(e):
             err = _rank_failure(e, cfg, info, ctx.get("strategy"))
             if watchdog is not None:  # the supervisor reads it
                 watchdog.stop("exception", error=str(err))
             raise err from e
+        if named is not None:  # out of GPU memory, a full or read-only disk: one line naming the stage
+            raise named from e
         raise
     finally:
         if group is not None:
@@ -289,6 +294,49 @@ def _end_process_group() -> None:
         log.error("the process group could not be destroyed within 30s")
 
 
+def _load_and_cache(cfg: DictConfig, dm: FluxDataModule, callbacks: list, device: torch.device,
+                    memory: MemorySettings, info: RankInfo, watchdog: StepHeartbeatWatchdog | None,
+                    clock: StageClock):
+    """Load the model, cache latents and text outputs (one encoder on the device at a time), encode the sample
+    prompts, free the text encoders, then read the transformer. Returns the components."""
+    log.info("loading model (%s)", cfg.model.source)
+    heartbeat("load_model")
+    clock.begin("load")
+    comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True,
+                            t5_storage=memory.t5_storage, device_limit=memory_limit(device), defer_encoders=True)
+
+    encoders = StagedEncoders(comps, device, int(cfg.model.t5_max_length), cache_batch_size(cfg.data.cache_batch_size))
+    heartbeat("caching")
+    clock.begin("cache")
+    dm.build_cache(encoders, comps.encoder_identity(int(cfg.model.t5_max_length)),
+                   progress=watchdog.progress if watchdog is not None else None)
+    clock.begin("build")
+    for cb in callbacks:
+        if hasattr(cb, "prepare") and info.rank == 0:  # only rank 0 samples
+            cb.prepare(comps, encoders)  # prompt encodings, in a CLIP-L stage then a T5 stage
+    comps.release_encoders()  # the step sees only cached tensors; the VAE waits on the host for sampling
+    gc.collect()
+
+    heartbeat("load_model", "transformer")
+    # read only now the text encoders are gone: host RAM peaks near the largest file
+    comps.load_transformer(memory.load_device(device))
+    heartbeat("build")
+    return comps
+
+
+def _make_trainer(cfg: DictConfig, out: Path, callbacks: list, precision: str, info: RankInfo,
+                  dist: DistributedSettings) -> L.Trainer:
+    """Lightning's Trainer from `cfg.trainer`, with the run's callbacks, loggers, checkpoint IO and strategy."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = precision
+    if not trainer_cfg.get("gradient_clip_val"):
+        trainer_cfg["gradient_clip_val"] = None
+    trainer_cfg.pop("strategy", None)
+    plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=run_loggers(out / "logs"), default_root_dir=str(out),
+                       plugins=plugins, strategy=build_strategy(cfg, info, dist))
+
+
 def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdog | None,
            info: RankInfo | None = None, dist: DistributedSettings | None = None,
            ctx: dict | None = None) -> float | None:
@@ -296,8 +344,6 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     dist = dist or DistributedSettings()
     ctx = {} if ctx is None else ctx
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
-    settings(LoraSettings, cfg.lora)  # a bad lora value fails here, before anything is loaded
     flow = settings(FlowConfig, cfg.flow)
     memory = settings(MemorySettings, cfg.memory)
     device = device_for(cfg)
@@ -305,55 +351,32 @@ def _train(cfg: DictConfig, out: Path, name: str, watchdog: StepHeartbeatWatchdo
     precision, compute_dtype = precision_for(cfg, device)
     clock = StageClock(device, out / "stages.json" if info.rank == 0 else None)
 
-    log.info("loading model (%s)", cfg.model.source)
-    heartbeat("load_model")
-    clock.begin("load")
-    comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True,
-                            t5_storage=memory.t5_storage, device_limit=memory_limit(device), defer_encoders=True)
+    # the dataset and the callbacks' files (sample prompts) are checked before any model file is opened
+    heartbeat("scan_dataset")
     dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=out / "synthetic", seed=int(cfg.seed),
                         rank=info.rank, world_size=info.world_size)  # each rank caches and trains its share
     records = dm.scan()
     log.info("dataset: %d images", len(records))
-
-    encoders = StagedEncoders(comps, device, int(cfg.model.t5_max_length), cache_batch_size(cfg.data.cache_batch_size))
-    heartbeat("caching")
-    clock.begin("cache")
-    dm.build_cache(encoders, comps.encoder_identity(int(cfg.model.t5_max_length)),
-                   progress=watchdog.progress if watchdog is not None else None)
-    heartbeat("build")
-    clock.begin("build")
-
     steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     metadata = {"learning_rate": float(cfg.optim.lr), "optimizer": str(cfg.optim.name),
                 "lr_scheduler": str(cfg.optim.scheduler), "seed": int(cfg.seed), "max_train_steps": steps,
-                "resolution": dm.resolution, "num_train_images": len(records),
-                "sd_model_name": comps.name, "output_name": name,
+                "resolution": dm.resolution, "num_train_images": len(records), "output_name": name,
                 "timestep_sampling": flow.timestep_sampling, "guidance_scale": flow.guidance_scale}
     callbacks = [clock, *build_callbacks(cfg, metadata, prebuilt={"watchdog": watchdog})]  # the clock's hooks first
-    for cb in callbacks:
-        if hasattr(cb, "prepare") and info.rank == 0:  # only rank 0 samples
-            cb.prepare(comps, encoders)  # prompt encodings, in a CLIP-L stage then a T5 stage
-    comps.release_encoders()  # the step sees only cached tensors; the VAE waits on the host for sampling
-    gc.collect()
 
-    # read only now the text encoders are gone: host RAM peaks near the largest file
-    comps.load_transformer(memory.load_device(device))
+    comps = _load_and_cache(cfg, dm, callbacks, device, memory, info, watchdog, clock)
+    for cb in callbacks:
+        if callable(getattr(cb, "add_metadata", None)):
+            cb.add_metadata(sd_model_name=comps.name)
     beat = next((cb.beat for cb in callbacks if callable(getattr(cb, "beat", None))), None)
     module, swapper = build_module(cfg, comps.transformer, device, compute_dtype, steps, heartbeat=beat)
-    loggers = [L.pytorch.loggers.TensorBoardLogger(str(out / "logs"), name="tensorboard", version=""),
-               L.pytorch.loggers.CSVLogger(str(out / "logs"), name="csv", version="")]
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_cfg["precision"] = precision
-    if not trainer_cfg.get("gradient_clip_val"):
-        trainer_cfg["gradient_clip_val"] = None
     plan = resume_plan(cfg, out, module, callbacks, owner=info.rank == 0)
     if plan.path is not None and plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs")):
         return report_complete(name, out, plan) if info.rank == 0 else None
-    plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
-    trainer_cfg.pop("strategy", None)
-    trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, default_root_dir=str(out),
-                                     plugins=plugins, strategy=build_strategy(cfg, info, dist))
+    trainer = _make_trainer(cfg, out, callbacks, precision, info, dist)
     ctx["strategy"] = trainer.strategy
+    if info.rank == 0:  # the record of the run that trains: a failed check or an attempt with nothing to do keeps it
+        atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(plan.path) if plan.path else None)
     except SIGTERMException as e:  # Lightning's own SIGTERM path (our checkpoint callback was left out)

@@ -54,6 +54,9 @@ def read_caption(path: Path) -> str:
 def list_images(folder: str | Path) -> list[Path]:
     """The image files of a folder (not recursive), sorted by name."""
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise FluxLoraError(f"dataset folder {folder} is a file, not a folder: give the folder of images with "
+                            "captions, or a dataset.toml")
     if not folder.is_dir():
         raise FluxLoraError(f"dataset folder {folder} does not exist")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -22,11 +23,14 @@ from fluxlora.errors import FluxLoraError
 
 log = logging.getLogger(__name__)
 
-# sd-scripts keys that change what is trained but that fluxlora does not implement: reported, never silently dropped
+# sd-scripts keys that fluxlora does not implement: named in a warning, never silently dropped (any other unknown
+# key is a misspelling: an error that suggests the nearest known key, as sd-scripts' own schema refuses it)
 _UNSUPPORTED_TOML_KEYS = {
     "flip_aug", "color_aug", "random_crop", "face_crop_aug_range", "is_reg", "caption_tag_dropout_rate",
     "caption_dropout_every_n_epochs", "token_warmup_min", "token_warmup_step", "secondary_separator",
     "enable_wildcard", "alpha_mask", "conditioning_data_dir", "metadata_file", "keep_tokens_separator",
+    "cache_info", "network_multiplier", "custom_attributes", "resize_interpolation", "validation_seed",
+    "validation_split",
 }
 _SUBSET_TOML_KEYS = {"image_dir", "class_tokens", "num_repeats", "caption_extension", "keep_tokens", "shuffle_caption",
                      "caption_dropout_rate", "caption_prefix", "caption_suffix", "caption_separator", "name"}
@@ -142,13 +146,21 @@ def _one_value(datasets: list[dict], key: str, toml_path: Path) -> Any:
     return next(iter(seen.values()), None)
 
 
-def _warn_unsupported(doc: dict, toml_path: Path) -> None:
-    keys = set(doc.get("general", {}))
+def _check_keys(doc: dict, toml_path: Path) -> None:
+    """A misspelt key is an error naming the nearest known one; a known sd-scripts key fluxlora lacks, a warning."""
+    tables = [("the top level", set(doc), {"general", "datasets"}), ("[general]", set(doc.get("general", {})), None)]
     for ds in doc.get("datasets", []):
-        keys |= set(ds)
-        for sub in ds.get("subsets", []):
-            keys |= set(sub)
-    ignored = sorted(keys & _UNSUPPORTED_TOML_KEYS)
+        tables.append(("[[datasets]]", set(ds), None))
+        tables += [("[[datasets.subsets]]", set(sub), None) for sub in ds.get("subsets") or []]
+    known = _SUBSET_TOML_KEYS | _DATASET_TOML_KEYS | _UNSUPPORTED_TOML_KEYS
+    wrong = []
+    for where, keys, allowed in tables:
+        for key in sorted(keys - (allowed or known)):
+            near = difflib.get_close_matches(key, sorted(allowed or known), n=1)
+            wrong.append(f"{key!r} in {where}" + (f" (did you mean {near[0]}?)" if near else ""))
+    if wrong:
+        raise FluxLoraError(f"dataset.toml {toml_path}: unknown key {', '.join(wrong)}")
+    ignored = sorted(set().union(*(keys for _, keys, _ in tables)) & _UNSUPPORTED_TOML_KEYS)
     if ignored:
         log.warning("dataset.toml %s: %s not supported by fluxlora and ignored", toml_path, ", ".join(ignored))
 
@@ -169,7 +181,7 @@ def parse_dataset_toml(path: str | Path, defaults: DataSettings) -> DataSettings
     datasets = doc.get("datasets") or []
     if not isinstance(datasets, list) or not datasets:
         raise FluxLoraError(f"dataset.toml {toml_path} has no [[datasets]] table")
-    _warn_unsupported(doc, toml_path)
+    _check_keys(doc, toml_path)
     general = {k: v for k, v in doc.get("general", {}).items() if k in _SUBSET_TOML_KEYS | _DATASET_TOML_KEYS}
     subsets = []
     for ds in datasets:

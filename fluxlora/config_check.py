@@ -1,0 +1,82 @@
+"""The run's configuration checked before anything is loaded or written: every settings group, the optimizer, the
+trainer's numbers. A mistake ends the run within seconds, in one line naming the key."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fluxlora.distributed import DistributedSettings
+from fluxlora.errors import FluxLoraError
+from fluxlora.flow import FlowConfig
+from fluxlora.lora import LoraSettings
+from fluxlora.memory import MemorySettings
+from fluxlora.models.components import resolve_dtype
+from fluxlora.module import NONFINITE
+from fluxlora.optim import check_optim
+from fluxlora.speed import SpeedSettings
+
+
+def settings(cls, node: Any, group: str | None = None):
+    """A settings dataclass from a config node; a bad value becomes a one-line FluxLoraError naming `group.key`."""
+    group = group or cls.__name__
+    known = {f.name for f in fields(cls)}
+    values = OmegaConf.to_container(node, resolve=True)
+    unknown = set(values) - known
+    if unknown:
+        raise FluxLoraError(f"unknown key(s) {sorted(unknown)} for {group}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if not any(_fits(value, t) for t in allowed):
+            names = " or ".join(_TYPE_NAMES.get(t, str(t)) for t in allowed)
+            raise FluxLoraError(f"{group}.{key}={value!r} must be {names}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise FluxLoraError(str(e)) from e
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+               list: "a list", tuple: "a list", type(None): "null"}
+
+
+def _fits(value: Any, t: Any) -> bool:
+    """`value` (from a config) has type `t` of a settings field; an int is a float, a bool is not a number."""
+    if t is type(None):
+        return value is None
+    if t in (int, float):
+        return isinstance(value, int if t is int else (int, float)) and not isinstance(value, bool)
+    if t in (bool, str, dict, list, tuple):
+        return isinstance(value, t)
+    return True  # a type a config value cannot be checked against here: the dataclass checks it
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every settings group, checked before anything is loaded or written: a mistake ends the run within seconds,
+    in one line naming the key. (The dataset and the callbacks' files are checked next, still before loading.)"""
+    for cls, key in ((LoraSettings, "lora"), (FlowConfig, "flow"), (MemorySettings, "memory"),
+                     (SpeedSettings, "speed"), (DistributedSettings, "distributed")):
+        if cfg.get(key) is not None:
+            settings(cls, cfg[key], key)
+    if str(cfg.train.nonfinite) not in NONFINITE:
+        raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
+    _whole(cfg.train, "max_nonfinite_skips", "train", 0)
+    _whole(cfg.trainer, "max_steps", "trainer", -1)
+    _whole(cfg.trainer, "accumulate_grad_batches", "trainer", 1)
+    if cfg.trainer.get("max_epochs") is not None:
+        _whole(cfg.trainer, "max_epochs", "trainer", -1)
+    try:
+        check_optim(cfg.optim)
+    except ValueError as e:
+        raise FluxLoraError(str(e)) from None
+    resolve_dtype(cfg.model.get("dtype"))
+
+
+def _whole(node: Any, key: str, group: str, minimum: int) -> None:
+    value = node.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FluxLoraError(f"{group}.{key}={value!r} must be a whole number >= {minimum}")
