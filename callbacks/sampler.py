@@ -181,6 +181,11 @@ class TimedSampler(L.Callback):
     def enabled(self) -> bool:
         return self._mode != "off" and bool(self._prompts) and (self._every > 0 or self._at_start or self._at_end)
 
+    @property
+    def prompt_texts(self) -> list[str]:
+        """The prompts this sampler will render ([] when it never samples): caching encodes them with the captions."""
+        return [p.prompt for p in self._prompts] if self.enabled else []
+
     def prepare(self, components: Any, encoders: Any) -> None:
         """Encode the prompts now, before training, with `encoders.texts` (`fluxlora.encode.StagedEncoders`: a
         CLIP-L stage then a T5 stage); rounds render from these encodings."""

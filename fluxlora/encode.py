@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -105,6 +105,8 @@ class StagedEncoders:
         batch_size: items per encoder call; None sizes each stage's batches from the memory left
             (`data.cache_batch_size: auto`).
         placement: how encoders move on and off the device.
+        keep: captions to encode with the first `texts()` call and remember (the sample prompts: T5 then makes one
+            trip to the device, not two; 9.5 s for the second trip of a 16-bit T5 on the H200).
 
     Example::
 
@@ -115,11 +117,13 @@ class StagedEncoders:
     """
 
     def __init__(self, c: FluxComponents, device: torch.device, max_length: int, batch_size: int | None = None,
-                 placement: DevicePlacement | None = None) -> None:
+                 placement: DevicePlacement | None = None, keep: Sequence[str] = ()) -> None:
         self.c, self.device, self.max_length = c, torch.device(device), int(max_length)
         self.fixed_batch = batch_size
         self.placement = placement or DevicePlacement()
         self.current: str | None = None
+        self._keep = list(dict.fromkeys(keep))
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}
 
     @contextlib.contextmanager
     def stage(self, stage: str) -> Iterator[torch.nn.Module]:
@@ -160,7 +164,20 @@ class StagedEncoders:
 
     def texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """`pooled` (CLIP-L), `t5` and `t5_mask` (T5) of every caption, on the host: CLIP-L's stage over all of them,
-        then T5's, each in batches sized to the memory left."""
+        then T5's, each in batches sized to the memory left. The `keep` captions not yet encoded ride along with the
+        first call and are remembered, so a later call for them needs no stage at all."""
+        todo = [c for c in dict.fromkeys([*captions, *self._keep]) if c not in self.kept]
+        rows: dict[str, dict[str, torch.Tensor]] = {}
+        if todo:
+            out = self._encode(todo)
+            for i, c in enumerate(todo):
+                rows[c] = {k: v[i] for k, v in out.items()}
+                if c in self._keep:
+                    self.kept[c] = {k: v[i].clone() for k, v in out.items()}
+        rows.update({c: self.kept[c] for c in captions if c not in rows})
+        return {k: torch.stack([rows[c][k] for c in captions]) for k in ("pooled", "t5", "t5_mask")}
+
+    def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
         with self.stage("clip"):
             size = self.batch_size("clip")
             pooled = [clip_pooled(self.c, captions[s:s + size], self.device).cpu()

@@ -305,15 +305,17 @@ def _load_and_cache(cfg: DictConfig, dm: FluxDataModule, callbacks: list, device
     comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True,
                             t5_storage=memory.t5_storage, device_limit=memory_limit(device), defer_encoders=True)
 
-    encoders = StagedEncoders(comps, device, int(cfg.model.t5_max_length), cache_batch_size(cfg.data.cache_batch_size))
+    sampler = next((cb for cb in callbacks if isinstance(cb, TimedSampler)), None) if info.rank == 0 else None
+    encoders = StagedEncoders(comps, device, int(cfg.model.t5_max_length), cache_batch_size(cfg.data.cache_batch_size),
+                              keep=sampler.prompt_texts if sampler is not None else ())  # only rank 0 samples
     heartbeat("caching")
     clock.begin("cache")
     dm.build_cache(encoders, comps.encoder_identity(int(cfg.model.t5_max_length)),
                    progress=watchdog.progress if watchdog is not None else None)
     clock.begin("build")
-    for cb in callbacks:
-        if hasattr(cb, "prepare") and info.rank == 0:  # only rank 0 samples
-            cb.prepare(comps, encoders)  # prompt encodings, in a CLIP-L stage then a T5 stage
+    if sampler is not None:
+        heartbeat("caching", "sample prompts")
+        sampler.prepare(comps, encoders)  # encoded with the captions above (a stage only where there were none)
     comps.release_encoders()  # the step sees only cached tensors; the VAE waits on the host for sampling
     gc.collect()
 

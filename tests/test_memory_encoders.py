@@ -75,12 +75,28 @@ def test_a_run_stages_its_encoders_one_at_a_time(make_cfg, monkeypatch):
     monkeypatch.setattr(FluxLoRAModule, "training_step", watched_step)
     train_mod.run(make_cfg("trainer.max_steps=1"))  # the sampler renders once at the end
     assert at_step == [{"encoders_gone": True, "encoders_freed": True, "vae_devices": {"cpu"}, "resident": {}}]
-    # the dataset: latents, then CLIP-L, then T5; then the sample prompts: CLIP-L, then T5
+    # the dataset: latents, then CLIP-L, then T5; the sample prompts ride along with the captions (no second trip)
     stages = [s for what, s in Accountant.log if what == "on"]
-    assert stages == ["vae", "clip", "t5", "clip", "t5"], Accountant.log
+    assert stages == ["vae", "clip", "t5"], Accountant.log
     assert Accountant.log == [(w, s) for s in stages for w in ("on", "off")]  # each leaves before the next comes
     assert Accountant.ran and all(resident == (stage,) for stage, resident in Accountant.ran), Accountant.ran
     assert {stage for stage, _ in Accountant.ran} == {"vae", "clip", "t5"}
+
+
+def test_kept_captions_ride_along_and_need_no_stage_later():
+    from fluxlora.models import load_components
+    from omegaconf import OmegaConf
+
+    comps = load_components(OmegaConf.create({"source": "tiny", "t5_max_length": 16}))
+    Accountant.log, Accountant.resident, Accountant.ran, Accountant.hooked = [], {}, [], set()
+    enc = encode_mod.StagedEncoders(comps, torch.device("cpu"), 16, placement=Accountant(), keep=["a red circle"])
+    first = enc.texts(["a blue square", "a green dot"])
+    assert first["t5"].shape[0] == 2 and [s for w, s in Accountant.log if w == "on"] == ["clip", "t5"]
+    kept = enc.texts(["a red circle"])  # encoded with the first call: no encoder comes to the device again
+    assert len(Accountant.log) == 4
+    alone = encode_mod.encode_prompts(comps, ["a red circle"], torch.device("cpu"), 16)
+    torch.testing.assert_close(kept["t5"], alone["t5"])
+    torch.testing.assert_close(kept["pooled"], alone["pooled"])
 
 
 def test_batches_follow_the_memory_left(monkeypatch):
