@@ -3,9 +3,10 @@ BFL single file through the real loader, the tier's settings applied by the func
 (`fluxlora.train.precision_for` / `build_module`), warm-up plus timed steps through FluxLoRAModule and a Lightning
 Trainer. Prints one JSON line per cell (peak allocated, peak reserved, s/step, time to first step) and a table.
 
-Each cell runs in its own subprocess (fresh CUDA context, fresh peak counters, an OOM stays in its cell) under
-`torch.cuda.set_per_process_memory_fraction(budget / total)`; a cell fits when its peak reserved memory over the
-whole cell (load included) is at most budget - 1 GiB.
+Each cell runs in its own subprocess (fresh CUDA context, fresh peak counters, an OOM stays in its cell) under the
+tier's `memory.budget_gb` (the allocator capped at budget - 1 GiB - 64 MiB, as a run does; until 2026-12-01 this bench
+capped it at the whole budget itself); a cell fits when its peak reserved memory over the whole cell (load
+included) is at most budget - 1 GiB.
 
     python bench/memory_tiers.py                                   # every tier, 512 and 1024 px, three LoRA variants
     python bench/memory_tiers.py --tiers 12gb 8gb --res 512 --lora fluxgym     # the sd-scripts comparison cells
@@ -180,14 +181,6 @@ def write_profile(prof, steps: int, path: Path) -> dict:
     return {"prof_kernel_s_per_step": round(kernels, 4), "prof_copy_s_per_step": round(copies, 4)}
 
 
-def cap_memory(device: torch.device, budget_gib: float) -> float:
-    """Cap this process's CUDA caching allocator at `budget_gib`; returns the card's total GiB."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total), device)
-    torch.cuda.reset_peak_memory_stats(device)
-    return total / 2**30
-
-
 def _memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -221,12 +214,15 @@ def run_cell(spec: dict) -> dict:
     t_start = time.perf_counter()
     device = torch.device(spec["device"])
     out = {k: spec[k] for k in ("tier", "res", "lora")} | {"budget_gib": spec["budget_gib"]}
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-        prepare_cuda(device)  # as a run does before loading: cuDNN SDPA off, expandable segments
-        out["card_gib"] = round(cap_memory(device, spec["budget_gib"]), 1)
     bfl = Path(spec["bfl"])
     cfg = compose(spec["tier"], spec["lora"], spec["set"], "gpu" if device.type == "cuda" else "cpu", bfl)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+        # as a run does before loading: cuDNN SDPA off, expandable segments, and the tier's memory.budget_gb caps
+        # the allocator (the product's own switch)
+        prepare_cuda(device, cfg.memory.budget_gb)
+        torch.cuda.reset_peak_memory_stats(device)
+        out["card_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     precision, compute_dtype = precision_for(cfg, device)
     memory = settings(MemorySettings, cfg.memory)
     stage = "load"

@@ -75,11 +75,12 @@ class SpeedPlan:
 
 
 def plan(settings: SpeedSettings, device: torch.device | str | None = None, base_storage: str = "none",
-         swapping: bool = False, checkpoint_every: int = 0, processes: int = 1) -> SpeedPlan:
+         swapping: bool = False, checkpoint_every: int = 0, processes: int = 1, budgeted: bool = False) -> SpeedPlan:
     """Resolve `auto` and refuse combinations that cannot work, with the setting to change in the message.
 
     `checkpoint_every`: `memory.checkpoint_every` when gradient checkpointing is on, else 0. `processes`: ranks of
     the run (`auto` leaves CUDA graphs off under DDP, where they were not measured; `true` still turns them on).
+    `budgeted`: a memory budget caps the run (`memory.budget_gb`); `auto` then leaves CUDA graphs off.
     """
     compile_ = settings.compiles(device, base_storage)
     if swapping and compile_ and settings.compile_scope == "model":
@@ -101,7 +102,10 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
         if bad]
     if graphs_asked and blockers:
         raise ValueError(f"speed.cuda_graphs needs {', '.join(blockers)}")
-    graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1)
+    # auto stays off under a memory budget: the graphs' own memory lives outside the capped allocator (on the H200,
+    # 3.3 GiB more per process at 1024 px with three bucket shapes, bench/whole_run.py), so a budgeted run would
+    # need more than the card it stands for
+    graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1 and not budgeted)
     return SpeedPlan(compile_, in_graph, graphs)
 
 
@@ -181,16 +185,16 @@ def uses_cuda_graphs(transformer: torch.nn.Module) -> bool:
 
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False,
                          device: torch.device | str | None = None, base_storage: str = "none",
-                         processes: int = 1) -> SpeedPlan:
+                         processes: int = 1, budgeted: bool = False) -> SpeedPlan:
     """Apply the settings for a run on `device`; returns what was decided.
 
     `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
-    `memory.base_storage`; `processes`: ranks of the run. Checkpointing (`fluxlora.checkpointing`) must already be
+    `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set. Checkpointing (`fluxlora.checkpointing`) must already be
     applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled graph.
     """
     from fluxlora.checkpointing import checkpoint_every, run_blocks_plainly
 
-    decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer), processes)
+    decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer), processes, budgeted)
     if not decided.compile:
         return decided
     options = dict(settings.compile_options) if settings.compile_options else None

@@ -146,7 +146,8 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     try:
         devices, nodes = requested_processes(cfg, device)
         apply_speed_settings(transformer, speed, swapping=swapper is not None, device=device,
-                             base_storage=memory.base_storage, processes=devices * nodes)
+                             base_storage=memory.base_storage, processes=devices * nodes,
+                             budgeted=memory.budget_gb is not None)
     except ValueError as e:
         raise FluxLoraError(str(e)) from e
     return module, swapper

@@ -152,6 +152,7 @@ def test_speed_plan_resolves_auto_and_refuses_what_cannot_work():
     assert not plan(graphs, "cuda", swapping=True).cuda_graphs
     assert not plan(graphs, "cuda", checkpoint_every=2).cuda_graphs  # torch.utils.checkpoint calls blocks twice
     assert not plan(graphs, "cuda", processes=2).cuda_graphs  # not measured under DDP: only when asked for
+    assert not plan(graphs, "cuda", budgeted=True).cuda_graphs  # their memory lies outside a budget's cap
     assert plan(SpeedSettings(compile_blocks=True, cuda_graphs=True), "cuda", processes=2).cuda_graphs
     with pytest.raises(ValueError, match="a CUDA device"):
         plan(SpeedSettings(compile_blocks=True, cuda_graphs=True), "cpu")
