@@ -86,12 +86,15 @@ class SlowStep(L.Callback):
 
 
 class SlowStart(L.Callback):
-    """Take `seconds` to build (callbacks are built after caching, before training starts): a slow stage outside the
-    training steps. Writes `{"pid", "time"}` to `mark` first, so a test can act while it sleeps."""
+    """Take `seconds` in the trainer's setup (after loading and caching, before the first step): a slow stage outside
+    the training steps. Writes `{"pid", "time"}` to `mark` first, so a test can act while it sleeps."""
 
     def __init__(self, seconds: float, mark: str) -> None:
-        Path(mark).write_text(json.dumps({"pid": os.getpid(), "time": time.time()}))
-        time.sleep(seconds)
+        self.seconds, self.mark = seconds, mark
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        Path(self.mark).write_text(json.dumps({"pid": os.getpid(), "time": time.time()}))
+        time.sleep(self.seconds)
 
 
 class BatchRecorder(L.Callback):

@@ -116,7 +116,7 @@ def test_signal_before_training_starts_is_one_line_and_its_status(tmp_path, sig)
     out = log.read_text()
     assert rc == 128 + sig, out[-3000:]
     errors = [x for x in out.splitlines() if x.startswith("fluxlora: error:")]
-    assert errors == [f"fluxlora: error: stopped by {sig.name} in stage 'build', outside the training steps: nothing "
+    assert errors == [f"fluxlora: error: stopped by {sig.name} in stage 'trainer_setup', outside the training steps: nothing "
                       "was saved at this point; earlier checkpoints are intact (run again with resume=auto)"], errors
     assert "Traceback" not in out
     assert took < 15, took
