@@ -232,14 +232,17 @@ def load_t5(source: str | Path, dtype: torch.dtype = torch.float32, device: str 
 
 
 def t5_file_dtypes(source: str | Path) -> set[str]:
-    """The safetensors dtypes of a T5 file's block Linears (e.g. {'F8_E4M3'} or {'F16'}); a folder's are read from
-    its first shard header. Reads headers only."""
+    """The safetensors dtypes of a T5 file's (or a diffusers folder's shards') block Linears, e.g. {'F8_E4M3'} or
+    {'F16'}. Reads headers only."""
     source = Path(source)
-    files = [source] if source.is_file() else sorted(source.glob("*.safetensors"))
+    if source.is_file():
+        header, names = _checked_names(source, "t5")
+        return {header.dtypes[v] for k, v in names.items() if _T5_FP8.match(k)}
     dtypes: set[str] = set()
-    for f in files[:1]:
-        header, names = _checked_names(f, "t5")
-        dtypes |= {header.dtypes[v] for k, v in names.items() if _T5_FP8.match(k)}
+    for f in sorted(source.glob("*.safetensors")):  # a folder's shards: any may hold the block Linears
+        header = read_header(f)
+        dtypes |= {header.dtypes[v] for k, v in _normalise(list(header.shapes), _T5_PREFIXES).items()
+                   if _T5_FP8.match(k)}
     return dtypes
 
 
