@@ -184,24 +184,21 @@ class StagedEncoders:
                       for s in self._beats(range(0, len(captions), size), "CLIP-L", len(captions))]
         with self.stage("t5"):
             size = self.batch_size("t5")
-            outs = [t5_sequence(self.c, captions[s:s + size], self.device, self.max_length)
+            outs = [self._t5_on_host(captions[s:s + size])
                     for s in self._beats(range(0, len(captions), size), "T5", len(captions))]
-        return {"pooled": torch.cat(pooled), "t5": torch.cat([t.cpu() for t, _ in outs]),
+        return {"pooled": torch.cat(pooled), "t5": torch.cat([t for t, _ in outs]),
                 "t5_mask": torch.cat([m for _, m in outs])}
+
+    def _t5_on_host(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch through T5, its output moved off the device at once (a chunk's 256 sequences are 1 GiB)."""
+        t5, mask = t5_sequence(self.c, captions, self.device, self.max_length)
+        return t5.cpu(), mask
 
     @staticmethod
     def _beats(starts: range, what: str, total: int) -> Iterator[int]:
         for s in starts:
             heartbeat("caching", f"{what} {s}/{total} captions")
             yield s
-
-    def describe(self, stage: str, pixels: int = 0) -> str:
-        """The batch size of `stage` and why, for the log."""
-        size = self.batch_size(stage, pixels)
-        if self.fixed_batch is not None:
-            return f"{size} (data.cache_batch_size)"
-        free = available_memory(self.device)
-        return f"{size}" if free is None else f"{size} ({free / GiB:.1f} GiB free on the device)"
 
 
 def fit_vae_decode(vae: torch.nn.Module, width: int, height: int, device: torch.device) -> int | None:

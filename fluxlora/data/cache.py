@@ -266,7 +266,7 @@ class LatentCache:
         done_before, written, t0, last_log = report.total - len(todo), 0, time.monotonic(), 0.0
         chunks = self._chunks(items, todo) or ([[]] if extra else [])
         for n, chunk in enumerate(chunks):
-            latents = self._latents([items[i] for i in chunk], encoder, batch_size, report)
+            latents = self._latents([items[i] for i in chunk], encoder, batch_size)
             wanted = [c for i in chunk for c in items[i].captions] + (extra if n == 0 else [])
             captions = list(dict.fromkeys(wanted))
             texts = encoder.texts(captions)
@@ -303,10 +303,10 @@ class LatentCache:
             count += len(items[i].captions)
         return chunks
 
-    def _latents(self, chunk: list[CacheItem], encoder: CacheEncoder, batch_size: int | None,
-                 report: _Reporter) -> list[np.ndarray]:
-        """Latents of `chunk` (bucket-sorted) in the VAE's stage, as stored arrays. A batch that runs out of device
-        memory is halved and tried again (down to one image: then the error stands)."""
+    def _latents(self, chunk: list[CacheItem], encoder: CacheEncoder, batch_size: int | None) -> list[np.ndarray]:
+        """Latents of `chunk` in the VAE's stage, as stored arrays in `chunk`'s order (it is bucket-sorted, so each
+        bucket's batches run in turn). A batch that runs out of device memory is halved and tried again (down to one
+        image: then the error stands)."""
         out: list[np.ndarray] = []
         if not chunk:
             return out
