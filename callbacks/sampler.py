@@ -19,7 +19,7 @@ import torch
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_open
-from fluxlora.cuda_setup import available_memory, memory_limit
+from fluxlora.cuda_setup import available_memory, memory_use
 from fluxlora.distributed import wait_for_rank_zero
 from fluxlora.encode import VAE_DECODE_BYTES_PER_PIXEL
 from fluxlora.errors import FluxLoraError
@@ -420,10 +420,8 @@ def _device_of(trainer: Optional[L.Trainer]) -> Optional[torch.device]:
 
 def _memory_in_use(device: Optional[torch.device]) -> str:
     """' (X of Y GiB in use)' on a CUDA device, else ''."""
-    limit = memory_limit(device) if device is not None else None
-    if limit is None:
-        return ""
-    return f" ({torch.cuda.memory_reserved(device) / _GiB:.2f} of {limit / _GiB:.2f} GiB in use)"
+    use = memory_use(device) if device is not None else None
+    return f" ({use[0] / _GiB:.2f} of {use[1] / _GiB:.2f} GiB in use)" if use else ""
 
 
 def _save_png(image: Any, path: Path) -> None:

@@ -89,3 +89,14 @@ def available_memory(device: torch.device) -> int | None:
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
     free_on_card = torch.cuda.mem_get_info(device)[0]
     return max(0, min(limit - reserved, free_on_card)) + (reserved - allocated)
+
+
+def memory_use(device: torch.device | None = None) -> tuple[int, int] | None:
+    """(bytes this process's allocator holds, its limit) on `device` (default: the current CUDA device), or None
+    where CUDA never started: what an out-of-memory message reports."""
+    if device is None:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+    limit = memory_limit(device)
+    return None if limit is None else (torch.cuda.memory_reserved(device), limit)

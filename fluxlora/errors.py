@@ -161,11 +161,6 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 def _gpu_memory() -> tuple[Optional[int], Optional[int]]:
     """(bytes the caching allocator holds, the process's limit) on the current CUDA device; (None, None) without one."""
-    import torch
+    from fluxlora.cuda_setup import memory_use  # the limit: the process's cap (memory.budget_gb) or the card's total
 
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
-        return None, None
-    device = torch.cuda.current_device()
-    from fluxlora.cuda_setup import memory_limit  # the process's cap (memory.budget_gb) or the card's total
-
-    return torch.cuda.memory_reserved(device), memory_limit(torch.device("cuda", device))
+    return memory_use() or (None, None)
