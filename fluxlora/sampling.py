@@ -7,6 +7,7 @@ transformer (with its LoRA) and the VAE.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 from fluxlora.errors import FluxLoraError
+
+log = logging.getLogger(__name__)
 
 _FLAG = re.compile(r"\s--([a-z])\s+")
 
@@ -109,7 +112,10 @@ class SampleRenderer:
         from fluxlora.encode import fit_vae_decode
 
         c = self.c
-        fit_vae_decode(c.vae, prompt.width, prompt.height, torch.device(device))
+        tile = fit_vae_decode(c.vae, prompt.width, prompt.height, torch.device(device))
+        if tile is not None:
+            log.info("sampling: the %dx%d sample is decoded in %d px tiles (a full decode would not fit the memory "
+                     "left)", prompt.width, prompt.height, tile)
         pipe = FluxPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
                             tokenizer=c.tokenizer, text_encoder_2=None, tokenizer_2=c.tokenizer_2,
                             transformer=transformer if transformer is not None else c.transformer)
