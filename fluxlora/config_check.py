@@ -69,6 +69,13 @@ def check_config(cfg: DictConfig) -> None:
     _whole(cfg.trainer, "accumulate_grad_batches", "trainer", 1)
     if cfg.trainer.get("max_epochs") is not None:
         _whole(cfg.trainer, "max_epochs", "trainer", -1)
+    _whole(cfg, "seed", "", -(2**63))
+    _whole(cfg.model, "t5_max_length", "model", 1)
+    _check_data(cfg.data)
+    precision = cfg.trainer.get("precision")
+    if precision is not None and precision not in _precisions():
+        raise FluxLoraError(f"trainer.precision={precision!r} is not one of {sorted(set(map(str, _precisions())))} "
+                            "(null: bf16-mixed on CUDA, 32-true on the CPU)")
     try:
         check_optim(cfg.optim)
     except ValueError as e:
@@ -79,4 +86,27 @@ def check_config(cfg: DictConfig) -> None:
 def _whole(node: Any, key: str, group: str, minimum: int) -> None:
     value = node.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise FluxLoraError(f"{group}.{key}={value!r} must be a whole number >= {minimum}")
+        least = f" >= {minimum}" if minimum > -(2**63) else ""
+        raise FluxLoraError(f"{group + '.' if group else ''}{key}={value!r} must be a whole number{least}")
+
+
+def _check_data(data: Any) -> None:
+    """The `data` numbers read before the dataset is scanned (its folders and dataset.toml are checked by the scan)."""
+    from fluxlora.data.settings import parse_resolution
+
+    parse_resolution(data.get("resolution", 512), "data.resolution")
+    _whole(data, "num_workers", "data", 0)
+    for key in ("timeout", "read_timeout", "cache_wait_timeout"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise FluxLoraError(f"data.{key}={value!r} must be a number of seconds >= 0")
+
+
+def _precisions() -> list:
+    """The values Lightning accepts for `trainer.precision`."""
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    def flat(t: Any) -> list:
+        return [x for a in typing.get_args(t) for x in (flat(a) if typing.get_args(a) else [a])]
+
+    return flat(_PRECISION_INPUT)

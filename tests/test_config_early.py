@@ -66,6 +66,15 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "data_path_is_a_file": ([*folder, f"data.path={p['png']}"], f"dataset folder {p['png']} is a file, not a "
                                                                     "folder"),
         "resume_missing": ([f"resume={p['no_ckpt']}"], f"resume={p['no_ckpt']}: no such checkpoint file"),
+        "resolution": (["data.resolution=abc"], "data.resolution: resolution = 'abc' is not N or [W, H]"),
+        "num_workers": (["data.num_workers=-1"], "data.num_workers=-1 must be a whole number >= 0"),
+        "read_timeout": (["data.read_timeout=abc"], "data.read_timeout='abc' must be a number of seconds >= 0"),
+        "t5_max_length": (["model.t5_max_length=abc"], "model.t5_max_length='abc' must be a whole number >= 1"),
+        "seed": (["seed=abc"], "seed='abc' must be a whole number"),
+        "precision": (["trainer.precision=fp7"], "trainer.precision='fp7' is not one of"),
+        "budget": (["memory.budget_gb=abc"], "memory.budget_gb='abc' must be a number or null"),
+        "t5_storage": (["memory.t5_storage=fp4"], "memory.t5_storage='fp4' is not one of"),
+        "cache_batch": (["data.cache_batch_size=0"], "data.cache_batch_size=0 must be a positive integer or auto"),
     }
 
 

@@ -99,18 +99,19 @@ def _toml_bool(v: Any, key: str, where: Path) -> bool:
     return v
 
 
-def _resolution(v: Any, where: str) -> tuple[int, int]:
+def parse_resolution(v: Any, where: str) -> tuple[int, int]:
     """kohya's `resolution`: 512, "512", [768, 512] or "768,512"."""
+    raw = v
     if isinstance(v, str):
-        v = [int(p) for p in v.replace("x", ",").split(",")] if v.strip() else []
+        v = v.replace("x", ",").split(",") if v.strip() else []
     if isinstance(v, int):
         v = [v]
     try:
         w, h = (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
     except (TypeError, ValueError, IndexError):
-        raise FluxLoraError(f"{where}: resolution = {v!r} is not N or [W, H]") from None
+        raise FluxLoraError(f"{where}: resolution = {raw!r} is not N or [W, H]") from None
     if w < 64 or h < 64:
-        raise FluxLoraError(f"{where}: resolution = {v!r} is below 64 pixels")
+        raise FluxLoraError(f"{where}: resolution = {raw!r} is below 64 pixels")
     return w, h
 
 
@@ -198,7 +199,8 @@ def parse_dataset_toml(path: str | Path, defaults: DataSettings) -> DataSettings
 
 def _buckets_from_toml(merged: list[dict], defaults: BucketSettings, toml_path: Path) -> BucketSettings:
     reso = _one_value(merged, "resolution", toml_path)
-    kw: dict[str, Any] = {"resolution": _resolution(reso, f"dataset.toml {toml_path}") if reso else defaults.resolution,
+    kw: dict[str, Any] = {"resolution": parse_resolution(reso, f"dataset.toml {toml_path}") if reso
+                          else defaults.resolution,
                           "enabled": False}  # sd-scripts: no buckets unless enable_bucket (FluxGym never sets it)
     enable = _one_value(merged, "enable_bucket", toml_path)
     if enable is not None:
@@ -250,7 +252,7 @@ def data_settings(cfg: Any, folder: str | Path | None = None) -> DataSettings:
         folder: use this folder as `data.path` (the embedded default's generated images).
     """
     b = cfg.get("buckets") or {}
-    res = _resolution(cfg.get("resolution", 512), "data.resolution")
+    res = parse_resolution(cfg.get("resolution", 512), "data.resolution")
     buckets = BucketSettings(enabled=bool(b.get("enabled", False)), resolution=res,
                              min_size=int(b.get("min_size", 256)), max_size=int(b.get("max_size", 1024)),
                              step=int(b.get("step", 64)), upscale=bool(b.get("upscale", False)))
