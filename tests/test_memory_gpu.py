@@ -2,9 +2,10 @@
 otherwise): block swapping trains the same LoRA as without it within bf16 tolerance, through the real CUDA backend
 (pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.train.run`.
 With fluxlora installed from a wheel rather than editable, run `python -P -m pytest` so the checkout's bare
-`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. All 7 passed on the H100
-(2026-11-25, with `speed.recompute_in_graph` and `speed.cuda_graphs`): 6 in one device call, and the bare-loop swap
-test, whose check of what stays on the device was then corrected, in the next."""
+`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. The two tests added on
+2026-12-01 (the memory budget; staged encoders on a real device) have not run on a GPU yet. The other 7 passed on the
+H100 (2026-11-25, with `speed.recompute_in_graph` and `speed.cuda_graphs`): 6 in one device call, and the bare-loop
+swap test, whose check of what stays on the device was then corrected, in the next."""
 
 from __future__ import annotations
 
@@ -133,3 +134,58 @@ def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on):
     eager = _run_lora(make_cfg, "eager", *common, "speed.compile_blocks=false")
     graphs = _run_lora(make_cfg, "graphs", *common, "speed.compile_blocks=true")
     _assert_same_lora(graphs, eager)
+
+
+def test_memory_budget_caps_the_allocator_and_is_what_the_run_reads():
+    """`memory.budget_gb` caps the allocator at budget - 1 GiB - 64 MiB: an allocation past it fails, and the cap is
+    the limit fluxlora reads (mem_get_info does not see it). In a child process: the cap is per process."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from fluxlora.cuda_setup import CONTEXT_RESERVE, PAGE_SLACK, available_memory, memory_limit, prepare_cuda
+d = torch.device("cuda", 0)
+prepare_cuda(d, 4.0)
+cap = 4 * 2**30 - CONTEXT_RESERVE - PAGE_SLACK
+assert memory_limit(d) == cap, memory_limit(d)
+assert available_memory(d) <= cap < torch.cuda.mem_get_info(d)[0]
+x = torch.empty(cap - (256 << 20), dtype=torch.uint8, device=d)
+try:
+    torch.empty(512 << 20, dtype=torch.uint8, device=d)
+    raise SystemExit("allocated past the cap")
+except torch.OutOfMemoryError:
+    pass
+assert torch.cuda.max_memory_reserved(d) <= cap
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_staged_encoders_hold_one_encoder_on_the_device_at_a_time():
+    """The staging order on a real device: whenever an encoder runs, it is on the GPU and the other two are on the
+    host; when caching is done, none is left on the GPU."""
+    from omegaconf import OmegaConf
+
+    from fluxlora.encode import StagedEncoders
+    from fluxlora.models import load_components
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    comps = load_components(OmegaConf.create({"source": "tiny", "t5_max_length": 16}))
+    parts = {"vae": comps.vae, "clip": comps.text_encoder, "t5": comps.text_encoder_2}
+    seen = []
+
+    def where() -> dict:
+        return {k: {p.device.type for p in m.parameters()} for k, m in parts.items()}
+
+    for name, m in (("vae", comps.vae.encoder), ("clip", comps.text_encoder), ("t5", comps.text_encoder_2)):
+        m.register_forward_pre_hook(lambda mod, a, name=name: seen.append((name, where())))
+    enc = StagedEncoders(comps, device, 16)
+    with enc.stage("vae"):
+        enc.images([torch.rand(3, 64, 64).numpy()])
+    enc.texts(["a red circle", "a blue square"])
+    assert [n for n, _ in seen] == ["vae", "clip", "t5"]
+    for name, devices in seen:
+        assert devices == {k: {"cuda" if k == name else "cpu"} for k in parts}, (name, devices)
+    assert where() == {k: {"cpu"} for k in parts}  # every encoder left the device
