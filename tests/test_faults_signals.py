@@ -38,6 +38,19 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: 
         time.sleep(0.05)
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> tuple[int, float]:
+    """Send `sig` to the run's whole process group, as `timeout`/systemd/SLURM do; (its exit status, seconds it took
+    to end). A run that does not end within 60 s is killed with SIGKILL, and the test fails on its status."""
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    try:
+        return proc.wait(timeout=60), time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(), time.monotonic() - t0
+
+
 def _children(pid: int) -> list[int]:
     return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -76,11 +89,8 @@ def test_signal_to_the_whole_group_saves_the_boundary_step_and_resume_completes(
         _wait_for(lambda: _step(out_dir / "heartbeat.json") >= 2, proc, log, "step 2")
         workers = _children(proc.pid)
         assert len(workers) >= 2, workers  # the DataLoader workers are running: the signal reaches a real group
-        os.killpg(proc.pid, sig)
-        rc = proc.wait(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        rc, _ = _signal_group(proc, sig)
     out = log.read_text()
     assert rc == 128 + sig, out[-3000:]
     errors = [x for x in out.splitlines() if x.startswith("fluxlora: error:")]
@@ -106,13 +116,8 @@ def test_signal_before_training_starts_is_one_line_and_its_status(tmp_path, sig)
                        f"+callbacks.slow.mark={mark}")
     try:
         _wait_for(mark.exists, proc, log, "the slow build")
-        t0 = time.monotonic()
-        os.killpg(proc.pid, sig)
-        rc = proc.wait(timeout=60)
-        took = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        rc, took = _signal_group(proc, sig)
     out = log.read_text()
     assert rc == 128 + sig, out[-3000:]
     errors = [x for x in out.splitlines() if x.startswith("fluxlora: error:")]
