@@ -151,7 +151,7 @@ class HeartbeatMonitor:
         limit differs re-arms the GIL backstop from this thread: the monitor thread may not get the GIL to do it."""
         self._beat = (time.monotonic(), stage, detail, self._beat[3] if step is None else step)
         if self._armed is not None:
-            limit = self._stage_timeouts.get(stage, self._timeouts[self._phase])
+            limit = self.limit(stage)
             if limit != self._armed:
                 self._arm_backstop(limit)
 

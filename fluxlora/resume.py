@@ -107,8 +107,8 @@ def plan_resume(resume: Any, folder: Path, owner: bool = True) -> ResumePlan:
         folder: this run name's checkpoint folder (``outputs/<name>/checkpoints``).
         owner: this process may move an earlier run's checkpoints aside (rank 0 of a multi-process run only).
     """
-    value = None if resume is None or resume is False else str(resume)
-    if value in (None, "", "null", "none", "never", "false"):
+    value = _resume_value(resume)
+    if value is None:
         if owner:
             _set_aside(folder)
         return ResumePlan()
@@ -128,6 +128,12 @@ def plan_resume(resume: Any, folder: Path, owner: bool = True) -> ResumePlan:
     if plan.path is None:
         raise FluxLoraError(f"resume={value}: the checkpoint does not load ({'; '.join(plan.rejected)})")
     return plan
+
+
+def _resume_value(resume: Any) -> Optional[str]:
+    """`resume` as `auto` or a path; None for a fresh start (null, false, "none", "never", ...)."""
+    value = None if resume is None or resume is False else str(resume)
+    return None if value in ("", "null", "none", "never", "false") else value
 
 
 def resume_file(value: str) -> Path:
@@ -195,9 +201,8 @@ def finished_run(cfg: Any, out: Path) -> Optional[ResumePlan]:
     """The plan of a run that has nothing left to do, told from its checkpoint alone, before anything is loaded or
     written. None when there is training to do, or when the checkpoint was made with other LoRA settings (or by a
     version that did not record them): the full check after loading then decides and names the difference."""
-    raw = cfg.get("resume")
-    value = None if raw is None or raw is False else str(raw)
-    if value in (None, "", "null", "none", "never", "false"):
+    value = _resume_value(cfg.get("resume"))
+    if value is None:
         return None
     node = (cfg.get("callbacks") or {}).get("checkpoint")
     folder = Path(str(node.dirpath)) if node is not None and node.get("dirpath") else out / "checkpoints"
