@@ -22,7 +22,7 @@ def _is_multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path="pkg://fluxlora.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from fluxlora.train import run
+    from fluxlora.run.train import run
 
     logging.raiseExceptions = False  # a log file on a full disk must not print tracebacks over the run's one line
     try:

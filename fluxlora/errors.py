@@ -161,6 +161,6 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 def _gpu_memory() -> tuple[Optional[int], Optional[int]]:
     """(bytes the caching allocator holds, the process's limit) on the current CUDA device; (None, None) without one."""
-    from fluxlora.cuda_setup import memory_use  # the limit: the process's cap (memory.budget_gb) or the card's total
+    from fluxlora.perf.cuda_setup import memory_use  # the limit: the process's cap (memory.budget_gb) or the card's total
 
     return memory_use() or (None, None)

@@ -92,7 +92,7 @@ class SampleRenderer:
     Args:
         components: the model parts (VAE, tokenizers, scheduler; the transformer is passed to `render`).
         prompts: what to render.
-        encode: captions -> `pooled`, `t5` (and `t5_mask`), e.g. `fluxlora.encode.StagedEncoders.texts`.
+        encode: captions -> `pooled`, `t5` (and `t5_mask`), e.g. `fluxlora.models.encode.StagedEncoders.texts`.
     """
 
     def __init__(self, components, prompts: list[SamplePrompt], encode: Callable[[list[str]], dict]) -> None:
@@ -109,7 +109,7 @@ class SampleRenderer:
         """Render one prompt with `transformer` (default: the components' own); `cancel` stops between steps."""
         from diffusers import FluxPipeline
 
-        from fluxlora.encode import fit_vae_decode
+        from fluxlora.models.encode import fit_vae_decode
 
         c = self.c
         tile = fit_vae_decode(c.vae, prompt.width, prompt.height, torch.device(device))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import fluxlora_cmd, subprocess_env
+from helpers.faults import fluxlora_cmd, subprocess_env
 from fluxlora.supervise import Supervisor, Watch, main
 
 LIMIT, GRACE = 3.0, 1.0
@@ -51,7 +51,7 @@ def _gone(pid: int) -> bool:
 def test_frozen_child_is_killed_and_resumed_to_completion(tmp_path):
     overrides = fluxlora_cmd(tmp_path, "name=sup", "~callbacks.sampler", "trainer.max_epochs=3",
                              "callbacks.checkpoint.every_n_steps=2", f"callbacks.watchdog.step_timeout_s={LIMIT}",
-                             "+callbacks.slow._target_=faults.SlowStep", "+callbacks.slow.seconds=0.25")[3:]
+                             "+callbacks.slow._target_=helpers.faults.SlowStep", "+callbacks.slow.seconds=0.25")[3:]
     cmd = [sys.executable, "-m", "fluxlora.supervise", f"--grace-s={GRACE}", "--poll-s=0.2", *overrides]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -66,7 +66,7 @@ class CacheEntry:
 
 
 class CacheEncoder(Protocol):
-    """What caching needs from the models (`fluxlora.encode.StagedEncoders` is the real one; it also has
+    """What caching needs from the models (`fluxlora.models.encode.StagedEncoders` is the real one; it also has
     `stage(name)`, a context in which one encoder is on the device, and `batch_size(stage, pixels)`)."""
 
     def images(self, images: list[np.ndarray]) -> Any:
@@ -260,7 +260,7 @@ class LatentCache:
     def _encode_missing(self, items: Sequence[CacheItem], todo: list[int], keys: dict[int, str],
                         encoder: CacheEncoder, batch_size: int | None, report: _Reporter,
                         extra: list[str]) -> None:
-        """Encode `todo` chunk by chunk, each chunk stage by stage (`fluxlora.encode.StagedEncoders`): the latents
+        """Encode `todo` chunk by chunk, each chunk stage by stage (`fluxlora.models.encode.StagedEncoders`): the latents
         of a chunk wait in host memory while CLIP-L and then T5 encode its captions, then its files are written.
         `extra` captions (the empty one) are encoded with the first chunk and written to their own file."""
         done_before, written, t0, last_log = report.total - len(todo), 0, time.monotonic(), 0.0

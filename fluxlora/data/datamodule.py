@@ -148,7 +148,7 @@ class FluxDataModule(L.LightningDataModule):
         """Make sure every image has a valid cache file (reusing what is already there).
 
         Args:
-            encode: a `fluxlora.encode.CacheEncoder` (or the older `encode(images, captions)` callable).
+            encode: a `fluxlora.models.encode.CacheEncoder` (or the older `encode(images, captions)` callable).
             encoder_id: identity of the encoders, part of every content key.
             progress: `progress(done, total)` heartbeat, called for every file checked or written.
             rank, world_size: split the work across processes (default: the module's own).

@@ -158,7 +158,7 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
         defer_transformer: leave the transformer to `FluxComponents.load_transformer(device)`, so it is read
             after caching, once the text encoders are gone.
         t5_storage: `memory.t5_storage` (auto | fp8 | full), decided by `resolve_t5_storage` against `device_limit`.
-        device_limit: bytes the training device's allocator may hold (`fluxlora.cuda_setup.memory_limit`).
+        device_limit: bytes the training device's allocator may hold (`fluxlora.perf.cuda_setup.memory_limit`).
         defer_encoders: leave CLIP-L and T5 to `FluxComponents.encoder(part)` (caching reads each in its stage).
     """
     source = model_cfg.source

@@ -81,7 +81,7 @@ _T5_FP8 = re.compile(r"^encoder\.block\.\d+\..*\.(q|k|v|o|wi|wi_0|wi_1|wo)\.weig
 class Fp8StoredLinear(torch.nn.Module):
     """An inference-only Linear whose weight is float8_e4m3fn times a per-tensor scale, upcast for each matmul.
 
-    Not `fluxlora.fp8.Fp8Linear`: transformers' T5 casts the activations to `wo.weight.dtype` before `wo` (for its
+    Not `fluxlora.perf.fp8.Fp8Linear`: transformers' T5 casts the activations to `wo.weight.dtype` before `wo` (for its
     fp32-kept `wo`), which would turn them into fp8; here `weight` is None and the stored tensor is `weight_fp8`.
     """
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import FluxLoraError
-from fluxlora.fp8 import fp8_stored_parameters
-from fluxlora.memory import STORAGE
+from fluxlora.perf.fp8 import fp8_stored_parameters
+from fluxlora.perf.memory import STORAGE
 from fluxlora.models import bfl
 from fluxlora.models.files import LoadTimer, assign_state, meta_model, read_header, read_tensors
 
@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def _dtype_plan(model: torch.nn.Module, dtype: torch.dtype, storage: str) -> Callable[[str], torch.dtype]:
-    """name -> dtype to keep it in: fp8 for the block Linears' weights (`fluxlora.fp8`), `dtype` for the rest
+    """name -> dtype to keep it in: fp8 for the block Linears' weights (`fluxlora.perf.fp8`), `dtype` for the rest
     (biases, norms, embedders), so fp8 files are upcast only where the model computes in full precision.
-    `nf4` reads everything in `dtype`: the blocks are quantized afterwards (`fluxlora.quantize`)."""
+    `nf4` reads everything in `dtype`: the blocks are quantized afterwards (`fluxlora.perf.nf4`)."""
     if storage not in STORAGE:
         raise ValueError(f"storage={storage!r} is not one of {STORAGE}")
     fp8 = fp8_stored_parameters(model) if storage == "fp8" else set()

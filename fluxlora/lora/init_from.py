@@ -1,0 +1,178 @@
+"""Continue training from an existing LoRA file: `lora.init_from=<file>`, kohya or diffusers/peft keys.
+
+kohya files adapt BFL's fused layers (`img_attn_qkv`, single-block `linear1`); diffusers splits those into q, k, v
+(and mlp) Linears. A fused LoRA `scale·U·D` (D: R×in, U: out×R) becomes, exactly, one LoRA per part:
+
+- **block-diagonal U** (what fluxlora and sd-scripts' split_qkv write: rank R = n·r, part i uses only columns
+  i·r…(i+1)·r): part i gets rank r, down = its rows of D, up = its block of U;
+- **anything else** (sd-scripts' default, one rank-R LoRA on the fused Linear): every part gets rank R, down = all
+  of D, up = its rows of U. Training then moves each part's down on its own, and the export fuses the parts back
+  as one rank-n·R block-diagonal LoRA: still exact, but n times the file's rank on those layers.
+
+Per-layer ranks and alphas reach peft through `rank_pattern` / `alpha_pattern`; alpha is set so alpha/rank equals
+the file's scale. Layers the file adapts are always adapted, even outside `lora.train_blocks`; layers the settings
+target and the file lacks start fresh with `lora.rank` / `lora.alpha` (zero up, so the model is unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fluxlora.errors import FluxLoraError
+
+log = logging.getLogger(__name__)
+
+_KOHYA_RE = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(.+)$")
+_PEFT_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.")
+
+
+@dataclass
+class AdapterWeights:
+    """One diffusers Linear's LoRA as read from a file."""
+
+    down: torch.Tensor
+    """lora_A / lora_down: rank × in_features, fp32."""
+    up: torch.Tensor
+    """lora_B / lora_up: out_features × rank, fp32."""
+    scale: float
+    """alpha / rank of the file's layer; the update is scale·up·down."""
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def _fused_parts() -> dict[tuple[str, str], list[str]]:
+    """(double|single, kohya layer) -> diffusers sub-modules in BFL order."""
+    from fluxlora.lora.inject import _DOUBLE, _SINGLE
+
+    out: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for kind, table in (("double", _DOUBLE), ("single", _SINGLE)):
+        for sub, (layer, part, _) in table.items():
+            out.setdefault((kind, layer), []).append((part, sub))
+    return {k: [s for _, s in sorted(v)] for k, v in out.items()}
+
+
+def _split_fused(path: Path, key: str, down: torch.Tensor, up: torch.Tensor, scale: float,
+                 modules: list[str], sizes: list[int]) -> dict[str, AdapterWeights]:
+    """Exact per-part LoRAs of one fused kohya LoRA (see the module docstring for the two cases)."""
+    if up.shape[0] != sum(sizes):
+        raise FluxLoraError(f"{path}: {key} has {up.shape[0]} output rows; this model's layer has {sum(sizes)}")
+    n, rank = len(modules), down.shape[0]
+    rows = torch.split(up, sizes, dim=0)
+    r = rank // n
+    block = n > 1 and rank % n == 0 and all(
+        not torch.cat([rows[i][:, :i * r], rows[i][:, (i + 1) * r:]], dim=1).any() for i in range(n))
+    if block:
+        return {m: AdapterWeights(down[i * r:(i + 1) * r].clone(), rows[i][:, i * r:(i + 1) * r].clone(), scale)
+                for i, m in enumerate(modules)}
+    return {m: AdapterWeights(down.clone(), rows[i].clone(), scale) for i, m in enumerate(modules)}
+
+
+def _read_kohya(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, AdapterWeights]:
+    parts_of = _fused_parts()
+    stems = sorted({k.split(".", 1)[0] for k in sd})
+    skipped = [s for s in stems if s.startswith("lora_te")]
+    if skipped:
+        log.warning("%s: %d text-encoder LoRA layers ignored (fluxlora trains the transformer only)",
+                    path, len(skipped))
+    out = {}
+    for stem in (s for s in stems if not s.startswith("lora_te")):
+        m = _KOHYA_RE.match(stem)
+        if m is None or (m[1], m[3]) not in parts_of:
+            raise FluxLoraError(f"{path}: LoRA layer {stem} is not a Flux block layer fluxlora can train")
+        try:
+            down, up = sd[f"{stem}.lora_down.weight"].float(), sd[f"{stem}.lora_up.weight"].float()
+        except KeyError as e:
+            raise FluxLoraError(f"{path}: {stem} lacks {e.args[0]}") from e
+        alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
+        block = "transformer_blocks" if m[1] == "double" else "single_transformer_blocks"
+        modules = [f"{block}.{m[2]}.{sub}" for sub in parts_of[(m[1], m[3])]]
+        sizes = [_linear(path, transformer, name).out_features for name in modules]
+        out.update(_split_fused(path, stem, down, up, alpha / down.shape[0], modules, sizes))
+    return out
+
+
+def _read_peft(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, AdapterWeights]:
+    out = {}
+    for key in sd:
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.", 1)[0]
+        if name.startswith(("text_encoder", "te_")):
+            continue
+        module = next((name[len(p):] for p in _PEFT_PREFIXES if name.startswith(p)), name)
+        up_key = key.replace(".lora_A.", ".lora_B.")
+        if up_key not in sd:
+            raise FluxLoraError(f"{path}: {key} has no matching {up_key}")
+        down, up = sd[key].float(), sd[up_key].float()
+        alpha = sd.get(f"{name}.alpha")
+        out[module] = AdapterWeights(down, up, float(alpha) / down.shape[0] if alpha is not None else 1.0)
+    return out
+
+
+def _linear(path: Path, transformer: torch.nn.Module, name: str) -> torch.nn.Linear:
+    try:
+        mod = transformer.get_submodule(name)
+    except AttributeError:
+        mod = None
+    if not isinstance(mod, torch.nn.Linear):
+        raise FluxLoraError(f"{path}: adapts {name}, which this Flux transformer has no Linear layer for")
+    return mod
+
+
+def read_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str, AdapterWeights]:
+    """diffusers module name -> its LoRA, from a kohya or diffusers/peft safetensors file."""
+    from safetensors.torch import load_file
+
+    from fluxlora.lora.inject import _kohya_slot
+    from fluxlora.models.files import read_header
+    from fluxlora.models.identify import describe_keys
+
+    path = Path(path).expanduser()
+    header = read_header(path)  # missing / truncated / not safetensors: one line naming the file
+    keys = list(header.shapes)
+    sd = load_file(str(path))
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        weights = _read_kohya(path, sd, transformer)
+    elif any(".lora_A." in k for k in keys):
+        weights = _read_peft(path, sd)
+    else:
+        raise FluxLoraError(f"{path} is not a LoRA file; it looks like {describe_keys(keys)}")
+    for name, w in weights.items():
+        lin = _linear(path, transformer, name)
+        if _kohya_slot(name) is None:
+            raise FluxLoraError(f"{path}: adapts {name}, which has no kohya counterpart (fluxlora trains block layers)")
+        if w.down.shape[1] != lin.in_features or w.up.shape != (lin.out_features, w.rank):
+            raise FluxLoraError(f"{path}: LoRA for {name} has shapes {tuple(w.down.shape)}/{tuple(w.up.shape)}; "
+                                f"the layer is {lin.out_features}×{lin.in_features} (another model size?)")
+    if not weights:
+        raise FluxLoraError(f"{path} holds no transformer LoRA layers")
+    return weights
+
+
+def lora_config_args(weights: dict[str, AdapterWeights], fresh: list[str], rank: int, alpha: float) -> dict:
+    """`LoraConfig` arguments giving every file layer its own rank and alpha (alpha = scale·rank) and every fresh
+    layer `rank` / `alpha`. The most common file (rank, alpha) is the default, so patterns stay short."""
+    want = {name: (w.rank, w.scale * w.rank) for name, w in weights.items()} | {n: (rank, float(alpha)) for n in fresh}
+    (r0, a0), _ = Counter((w.rank, round(w.scale * w.rank, 9)) for w in weights.values()).most_common(1)[0]
+    return dict(
+        r=r0, lora_alpha=a0,
+        rank_pattern={re.escape(n): r for n, (r, _) in want.items() if r != r0},
+        alpha_pattern={re.escape(n): a for n, (_, a) in want.items() if abs(a - a0) > 1e-9 * max(1.0, abs(a0))},
+    )
+
+
+def copy_weights(layers: dict, weights: dict[str, AdapterWeights], adapter: str) -> None:
+    """Write the file's downs and ups into the injected peft layers (fp32 parameters)."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            layer = layers[name]
+            layer.lora_A[adapter].weight.copy_(w.down)
+            layer.lora_B[adapter].weight.copy_(w.up)

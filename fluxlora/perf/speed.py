@@ -1,0 +1,217 @@
+"""Speed knobs for the training step that leave the numbers unchanged (within bf16 tolerance)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RECOMPILE_LIMIT = 64
+"""Graphs dynamo may keep per compiled block kind (several bucket resolutions × input grad signatures)."""
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that replay CUDA graphs (Inductor's cudagraph trees)."""
+
+
+@dataclass
+class SpeedSettings:
+    """How the transformer is run."""
+
+    compile_blocks: bool | str = False
+    """Regional torch.compile: each transformer block is compiled once and reused by all blocks of its kind.
+    `auto`: on a CUDA device only (the tiers' choice: on the CPU, compiling costs more than it saves), and not over
+    NF4 storage (bitsandbytes' 4-bit layers under torch.compile were not measured here; `true` forces it)."""
+    compile_scope: str = "blocks"
+    """`blocks`: one compiled region per block (fast to compile); `model`: the whole transformer as one graph
+    (slower to compile, far less host overhead per step: each region costs a fixed wrapper time per call)."""
+    compile_mode: str | None = None
+    """torch.compile mode (None = default; `max-autotune-no-cudagraphs` tunes matmuls longer)."""
+    compile_options: dict | None = None
+    """Inductor options instead of a mode, e.g. `{cpp_wrapper: true}` (launches kernels from C++: less host time
+    per compiled block, longer compile)."""
+    recompute_in_graph: bool | str = "auto"
+    """With gradient checkpointing on every block and compiled blocks: each block's compiled backward recomputes
+    the block's forward itself (AOTAutograd keeps only the block's inputs, `activation_memory_budget=0`), instead
+    of torch.utils.checkpoint calling the block a second time in backward. Same activation memory; one compiled call
+    per block fewer in backward and none of checkpoint's per-tensor hooks. `auto`: wherever it applies."""
+    cuda_graphs: bool | str = False
+    """Replay the compiled blocks as CUDA graphs (Inductor's cudagraph trees, what torch.compile's
+    `reduce-overhead` mode does): removes the host's per-kernel launch time, which bounds a Flux step at 512 px.
+    Needs compiled blocks on CUDA, no block swapping (swapped weights get new addresses every step) and no
+    torch.utils.checkpoint (checkpointing recomputes in the graph instead). `auto`: wherever it applies."""
+
+    def __post_init__(self) -> None:
+        for name in ("compile_blocks", "recompute_in_graph", "cuda_graphs"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ValueError(f"speed.{name}={getattr(self, name)!r} is not one of true, false, auto")
+        if self.compile_scope not in ("blocks", "model"):
+            raise ValueError(f"speed.compile_scope={self.compile_scope!r} is not one of blocks, model")
+        if self.compile_mode and self.compile_options:
+            raise ValueError("speed.compile_mode and speed.compile_options cannot both be set (torch.compile)")
+        if self.cuda_graphs is True and self.compile_mode and self.compile_mode not in CUDA_GRAPH_MODES:
+            raise ValueError(f"speed.cuda_graphs=true with speed.compile_mode={self.compile_mode}: that mode does "
+                             f"not replay CUDA graphs; use one of {CUDA_GRAPH_MODES} or leave compile_mode unset")
+
+    def compiles(self, device: torch.device | str | None, base_storage: str = "none") -> bool:
+        """Whether blocks are compiled on `device` with `memory.base_storage`."""
+        if self.compile_blocks == "auto":
+            return device is not None and torch.device(device).type == "cuda" and base_storage != "nf4"
+        return bool(self.compile_blocks)
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """What `plan` decided for one run."""
+
+    compile: bool
+    recompute_in_graph: bool
+    cuda_graphs: bool
+
+
+def plan(settings: SpeedSettings, device: torch.device | str | None = None, base_storage: str = "none",
+         swapping: bool = False, checkpoint_every: int = 0, processes: int = 1, budgeted: bool = False) -> SpeedPlan:
+    """Resolve `auto` and refuse combinations that cannot work, with the setting to change in the message.
+
+    `checkpoint_every`: `memory.checkpoint_every` when gradient checkpointing is on, else 0. `processes`: ranks of
+    the run (`auto` leaves CUDA graphs off under DDP, where they were not measured; `true` still turns them on).
+    `budgeted`: a memory budget caps the run (`memory.budget_gb`); `auto` then leaves CUDA graphs off.
+    """
+    compile_ = settings.compiles(device, base_storage)
+    if swapping and compile_ and settings.compile_scope == "model":
+        raise ValueError("speed.compile_scope=model cannot trace block swapping's hooks; use compile_scope=blocks "
+                         "with memory.blocks_to_swap")
+    in_graph = bool(settings.recompute_in_graph) and compile_ and checkpoint_every == 1 \
+        and settings.compile_scope == "blocks"
+    if settings.recompute_in_graph is True and checkpoint_every and not in_graph:
+        raise ValueError("speed.recompute_in_graph=true needs compiled blocks (speed.compile_blocks, "
+                         "compile_scope=blocks) and memory.checkpoint_every=1")
+    graphs_asked = settings.cuda_graphs is True or settings.compile_mode in CUDA_GRAPH_MODES
+    cuda = device is not None and torch.device(device).type == "cuda"
+    blockers = [why for bad, why in (
+        (not compile_, "compiled blocks (speed.compile_blocks)"),
+        (not cuda, "a CUDA device"),
+        (swapping, "no block swapping (memory.blocks_to_swap=0)"),
+        (bool(checkpoint_every) and not in_graph, "checkpointing inside the compiled graph "
+                                                  "(speed.recompute_in_graph, memory.checkpoint_every=1)"))
+        if bad]
+    if graphs_asked and blockers:
+        raise ValueError(f"speed.cuda_graphs needs {', '.join(blockers)}")
+    # auto stays off under a memory budget: the graphs' own memory lives outside the capped allocator (on the H200,
+    # 3.3 GiB more per process at 1024 px with three bucket shapes, bench/whole_run.py), so a budgeted run would
+    # need more than the card it stands for
+    graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1 and not budgeted)
+    return SpeedPlan(compile_, in_graph, graphs)
+
+
+def _with_activation_budget(fn, budget: float):
+    """`fn` (a torch.compile'd callable) compiled with AOTAutograd's `activation_memory_budget` set to `budget`;
+    the partitioner reads it when the graph is first compiled, so it is set around each call, not globally."""
+    from torch._functorch import config as functorch_config
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, options: dict | None = None,
+                   activation_budget: float | None = None) -> int:
+    """Compile every double and single block's `forward` in place; returns how many were wrapped.
+
+    Only `forward` is compiled, not the module call: the blocks' hooks (block swapping's loads and evictions,
+    checkpointing's marks) stay eager Python around the compiled graph. All blocks of a kind share one compiled
+    graph (their forward is the same code; parameters are graph inputs), so compile time does not grow with depth.
+    `activation_budget`: AOTAutograd's activation memory budget for the blocks (0 = keep only their inputs).
+    """
+    # each block kind gets a graph per input shape (bucket resolution) and per grad signature of its inputs (~3):
+    # dynamo's default of 8 per code object would send the blocks of a bucketed dataset back to eager
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    n = 0
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, []):
+            # a copy each: torch.compile pops keys (guard_filter_fn) from the dict it is given
+            fn = torch.compile(block.forward, mode=mode, options=None if options is None else dict(options),
+                               dynamic=False)
+            block.forward = fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
+            n += 1
+    log.info("regional torch.compile on %d blocks (mode=%s, options=%s)", n, mode, options)
+    return n
+
+
+def _compiled_forwards(module: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """(submodule, its compiled `forward`) for every submodule whose forward `compile_blocks` replaced."""
+    return [(m, fn) for m in module.modules()
+            if hasattr(fn := m.__dict__.get("forward"), "_torchdynamo_orig_callable")]
+
+
+def uncompiled(module: torch.nn.Module) -> None:
+    """Drop compiled calls from `module` and its children (a deep copy would otherwise run the original's)."""
+    for m, _ in _compiled_forwards(module):
+        del m.__dict__["forward"]
+    for m in module.modules():
+        m._compiled_call_impl = None
+    module.__dict__.pop("_fluxlora_cuda_graphs", None)
+
+
+@contextmanager
+def eager_blocks(module: torch.nn.Module) -> Iterator[None]:
+    """Run `module`'s regionally compiled blocks uncompiled inside the `with` (sampling between steps: inference
+    shapes would otherwise compile, and record CUDA graphs, next to the training ones); they are put back after."""
+    saved = _compiled_forwards(module)
+    for m, _ in saved:
+        del m.__dict__["forward"]
+    try:
+        yield
+    finally:
+        for m, fn in saved:
+            m.forward = fn
+
+
+def uses_cuda_graphs(transformer: torch.nn.Module) -> bool:
+    """Whether `apply_speed_settings` made `transformer`'s compiled blocks replay CUDA graphs (the training step
+    then marks each step's start, and gradients are kept in their own memory)."""
+    return bool(getattr(transformer, "_fluxlora_cuda_graphs", False))
+
+
+def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False,
+                         device: torch.device | str | None = None, base_storage: str = "none",
+                         processes: int = 1, budgeted: bool = False) -> SpeedPlan:
+    """Apply the settings for a run on `device`; returns what was decided.
+
+    `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
+    `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set. Checkpointing (`fluxlora.perf.checkpointing`) must already be
+    applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled graph.
+    """
+    from fluxlora.perf.checkpointing import checkpoint_every, run_blocks_plainly
+
+    decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer), processes, budgeted)
+    if not decided.compile:
+        return decided
+    options = dict(settings.compile_options) if settings.compile_options else None
+    mode = settings.compile_mode
+    if decided.cuda_graphs and mode not in CUDA_GRAPH_MODES:
+        options = {**(options or {}), "triton.cudagraphs": True}
+    if settings.compile_scope == "model":
+        transformer.compile(mode=mode, options=options, dynamic=False)
+        log.info("torch.compile on the whole transformer (mode=%s, options=%s)", mode, options)
+    else:
+        budget = None
+        if decided.recompute_in_graph:
+            run_blocks_plainly(transformer)
+            budget = 0.0
+            log.info("gradient checkpointing inside the compiled blocks: their backward recomputes the forward")
+        compile_blocks(transformer, mode, options, budget)
+    if decided.cuda_graphs:
+        transformer._fluxlora_cuda_graphs = True
+        log.info("compiled blocks replay CUDA graphs")
+    return decided

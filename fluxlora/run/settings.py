@@ -1,0 +1,112 @@
+"""The run's configuration checked before anything is loaded or written: every settings group, the optimizer, the
+trainer's numbers. A mistake ends the run within seconds, in one line naming the key."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fluxlora.distributed.strategy import DistributedSettings
+from fluxlora.errors import FluxLoraError
+from fluxlora.training.flow import FlowConfig
+from fluxlora.lora.inject import LoraSettings
+from fluxlora.perf.memory import MemorySettings
+from fluxlora.models.components import resolve_dtype
+from fluxlora.training.module import NONFINITE
+from fluxlora.training.optim import check_optim
+from fluxlora.perf.speed import SpeedSettings
+
+
+def settings(cls, node: Any, group: str | None = None):
+    """A settings dataclass from a config node; a bad value becomes a one-line FluxLoraError naming `group.key`."""
+    group = group or cls.__name__
+    known = {f.name for f in fields(cls)}
+    values = OmegaConf.to_container(node, resolve=True)
+    unknown = set(values) - known
+    if unknown:
+        raise FluxLoraError(f"unknown key(s) {sorted(unknown)} for {group}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if not any(_fits(value, t) for t in allowed):
+            names = " or ".join(_TYPE_NAMES.get(t, str(t)) for t in allowed)
+            raise FluxLoraError(f"{group}.{key}={value!r} must be {names}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise FluxLoraError(str(e)) from e
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+               list: "a list", tuple: "a list", type(None): "null"}
+
+
+def _fits(value: Any, t: Any) -> bool:
+    """`value` (from a config) has type `t` of a settings field; an int is a float, a bool is not a number."""
+    if t is type(None):
+        return value is None
+    if t in (int, float):
+        return isinstance(value, int if t is int else (int, float)) and not isinstance(value, bool)
+    if t in (bool, str, dict, list, tuple):
+        return isinstance(value, t)
+    return True  # a type a config value cannot be checked against here: the dataclass checks it
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every settings group, checked before anything is loaded or written: a mistake ends the run within seconds,
+    in one line naming the key. (The dataset and the callbacks' files are checked next, still before loading.)"""
+    for cls, key in ((LoraSettings, "lora"), (FlowConfig, "flow"), (MemorySettings, "memory"),
+                     (SpeedSettings, "speed"), (DistributedSettings, "distributed")):
+        if cfg.get(key) is not None:
+            settings(cls, cfg[key], key)
+    if str(cfg.train.nonfinite) not in NONFINITE:
+        raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
+    _whole(cfg.train, "max_nonfinite_skips", "train", 0)
+    _whole(cfg.trainer, "max_steps", "trainer", -1)
+    _whole(cfg.trainer, "accumulate_grad_batches", "trainer", 1)
+    if cfg.trainer.get("max_epochs") is not None:
+        _whole(cfg.trainer, "max_epochs", "trainer", -1)
+    _whole(cfg, "seed", "", -(2**63))
+    _whole(cfg.model, "t5_max_length", "model", 1)
+    _check_data(cfg.data)
+    precision = cfg.trainer.get("precision")
+    if precision is not None and precision not in _precisions():
+        raise FluxLoraError(f"trainer.precision={precision!r} is not one of {sorted(set(map(str, _precisions())))} "
+                            "(null: bf16-mixed on CUDA, 32-true on the CPU)")
+    try:
+        check_optim(cfg.optim)
+    except ValueError as e:
+        raise FluxLoraError(str(e)) from None
+    resolve_dtype(cfg.model.get("dtype"))
+
+
+def _whole(node: Any, key: str, group: str, minimum: int) -> None:
+    value = node.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        least = f" >= {minimum}" if minimum > -(2**63) else ""
+        raise FluxLoraError(f"{group + '.' if group else ''}{key}={value!r} must be a whole number{least}")
+
+
+def _check_data(data: Any) -> None:
+    """The `data` numbers read before the dataset is scanned (its folders and dataset.toml are checked by the scan)."""
+    from fluxlora.data.settings import parse_resolution
+
+    parse_resolution(data.get("resolution", 512), "data.resolution")
+    _whole(data, "num_workers", "data", 0)
+    for key in ("timeout", "read_timeout", "cache_wait_timeout"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise FluxLoraError(f"data.{key}={value!r} must be a number of seconds >= 0")
+
+
+def _precisions() -> list:
+    """The values Lightning accepts for `trainer.precision`."""
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    def flat(t: Any) -> list:
+        return [x for a in typing.get_args(t) for x in (flat(a) if typing.get_args(a) else [a])]
+
+    return flat(_PRECISION_INPUT)

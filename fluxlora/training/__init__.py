@@ -1,0 +1,1 @@
+"""What one training step computes: the LoRA LightningModule, the flow-matching objective, optimizers."""
