@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import open_dict
 
 from fluxlora.callbacks import PeriodicCheckpoint, ResumeState, StepHeartbeatWatchdog, TimedSampler
-from fluxlora.train import run
+from fluxlora.run.train import run
 
 MEASURED = (StepHeartbeatWatchdog, ResumeState, TimedSampler, PeriodicCheckpoint)
 HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_train_epoch_start", "on_train_epoch_end",

@@ -1,4 +1,4 @@
-"""Device memory and speed of the frozen encoders at full size: the numbers behind `fluxlora.encode`'s batch sizing
+"""Device memory and speed of the frozen encoders at full size: the numbers behind `fluxlora.models.encode`'s batch sizing
 (VAE encode/decode bytes per pixel, T5 bytes per token) and `memory.t5_storage` (T5-XXL in bf16 against fp8).
 
 Random weights with the shipped Flux configs (VAE, CLIP-L, T5-XXL), built straight on the GPU in bf16. Each
@@ -57,7 +57,7 @@ def vae_rows(device) -> list[dict]:
         rows.append({"what": "vae_decode", "w": w, "h": h, "batch": b, "peak_gib": used / GiB,
                      "bytes_per_pixel": used / (w * h * b), "s": s})
         if b == 1 and w * h >= 1024 * 1024:
-            from fluxlora.encode import fit_vae_decode
+            from fluxlora.models.encode import fit_vae_decode
 
             vae.enable_tiling()
             vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
@@ -110,7 +110,7 @@ def text_rows(device, length: int) -> list[dict]:
 
 def budget_check(device) -> dict:
     """The budget switch caps the allocator (and mem_get_info does not see it)."""
-    from fluxlora.cuda_setup import available_memory, cap_memory, memory_limit
+    from fluxlora.perf.cuda_setup import available_memory, cap_memory, memory_limit
 
     cap = cap_memory(device, 8.0)
     free_seen = torch.cuda.mem_get_info(device)[0]

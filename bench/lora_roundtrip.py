@@ -68,7 +68,7 @@ def cmd_load(f: Path, storage: str) -> None:
 
 
 def inputs(cfg: dict, res: int = 512, seed: int = 0) -> dict:
-    from fluxlora import flow as fm
+    from fluxlora.training import flow as fm
 
     g = torch.Generator(DEV).manual_seed(seed)
     h = res // 8
@@ -99,11 +99,11 @@ def cmd_check(d: Path, steps: int) -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from fluxlora.flow import FlowConfig
-    from fluxlora.lora import LoraSettings, diffusers_state_dict, kohya_state_dict, training_metadata
+    from fluxlora.training.flow import FlowConfig
+    from fluxlora.lora.inject import LoraSettings, diffusers_state_dict, kohya_state_dict, training_metadata
     from fluxlora.models import tiny
     from fluxlora.models.transformer import load_transformer
-    from fluxlora.module import FluxLoRAModule
+    from fluxlora.training.module import FluxLoRAModule
 
     src = d / "flux1-dev.safetensors"
     t = load_transformer(src, torch.bfloat16, device=DEV)

@@ -1,6 +1,6 @@
 """VRAM tiers under a hard memory cap: for each tier and resolution, a Flux.1-dev-shaped random model read from a
 BFL single file through the real loader, the tier's settings applied by the functions a run uses
-(`fluxlora.train.precision_for` / `build_module`), warm-up plus timed steps through FluxLoRAModule and a Lightning
+(`fluxlora.run.train.precision_for` / `build_module`), warm-up plus timed steps through FluxLoRAModule and a Lightning
 Trainer. Prints one JSON line per cell (peak allocated, peak reserved, s/step, time to first step) and a table.
 
 Each cell runs in its own subprocess (fresh CUDA context, fresh peak counters, an OOM stays in its cell) under the
@@ -190,7 +190,7 @@ def _memory(device: torch.device) -> dict:
 
 def _swap_override(cfg, model: torch.nn.Module) -> list[str]:
     """A small --layers model cannot swap a Flux-dev count: clamp to what it holds (noted in the result)."""
-    from fluxlora.swap_schedule import sd_scripts_split
+    from fluxlora.perf.swap_schedule import sd_scripts_split
 
     n_d, n_s = len(model.transformer_blocks), len(model.single_transformer_blocks)
     n = int(cfg.memory.blocks_to_swap)
@@ -204,12 +204,12 @@ def run_cell(spec: dict) -> dict:
     import lightning as L
     from omegaconf import open_dict
 
-    from fluxlora.checkpointing import recompute_kind
-    from fluxlora.cuda_setup import prepare_cuda
-    from fluxlora.memory import MemorySettings
+    from fluxlora.perf.checkpointing import recompute_kind
+    from fluxlora.perf.cuda_setup import prepare_cuda
+    from fluxlora.perf.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
-    from fluxlora.speed import uses_cuda_graphs
-    from fluxlora.train import build_module, precision_for, settings
+    from fluxlora.perf.speed import uses_cuda_graphs
+    from fluxlora.run.train import build_module, precision_for, settings
 
     t_start = time.perf_counter()
     device = torch.device(spec["device"])

@@ -10,7 +10,7 @@ input gradients only) and, with --ref, the ratio to bench/ref_diffusers_step.py 
 
 Our step uses the run's own settings: `memory.gradient_checkpointing` (`--gc on`; recomputed inside the compiled
 blocks unless `--recompute torch`), `speed.cuda_graphs` (`--cudagraphs 1`), and the optimizer from
-`fluxlora.optim.build_optimizer` (fused AdamW on CUDA; `--foreach` for torch's multi-tensor AdamW).
+`fluxlora.training.optim.build_optimizer` (fused AdamW on CUDA; `--foreach` for torch's multi-tensor AdamW).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class StepTimer:
 def fwd_flops(transformer, res: int, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fluxlora import flow as fm
+    from fluxlora.training import flow as fm
 
     h = res // 8
     x = torch.randn(batch, (h // 2) ** 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -155,12 +155,12 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
 
-    from fluxlora.checkpointing import recompute_kind
-    from fluxlora.flow import FlowConfig
-    from fluxlora.lora import LoraSettings
-    from fluxlora.memory import MemorySettings, apply_memory_settings
-    from fluxlora.module import FluxLoRAModule
-    from fluxlora.speed import SpeedSettings, apply_speed_settings
+    from fluxlora.perf.checkpointing import recompute_kind
+    from fluxlora.training.flow import FlowConfig
+    from fluxlora.lora.inject import LoraSettings
+    from fluxlora.perf.memory import MemorySettings, apply_memory_settings
+    from fluxlora.training.module import FluxLoRAModule
+    from fluxlora.perf.speed import SpeedSettings, apply_speed_settings
 
     flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
     torch._dynamo.reset()

@@ -14,7 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
-from fluxlora.distributed import agree_max
+from fluxlora.distributed.strategy import agree_max
 from fluxlora.errors import RunInterrupted
 from fluxlora.heartbeat import heartbeat
 from fluxlora.process_exit import StopSignal, clear_stop, request_stop, stop_requested

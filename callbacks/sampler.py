@@ -19,14 +19,14 @@ import torch
 from typing_extensions import override
 
 from fluxlora.atomic import atomic_open
-from fluxlora.cuda_setup import available_memory, memory_use
-from fluxlora.distributed import wait_for_rank_zero
-from fluxlora.encode import VAE_DECODE_BYTES_PER_PIXEL
+from fluxlora.perf.cuda_setup import available_memory, memory_use
+from fluxlora.distributed.strategy import wait_for_rank_zero
+from fluxlora.models.encode import VAE_DECODE_BYTES_PER_PIXEL
 from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
 from fluxlora.process_exit import track_native_thread
 from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
-from fluxlora.speed import eager_blocks
+from fluxlora.perf.speed import eager_blocks
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> t
     A deep copy keeps compiled forwards bound to the *original* blocks, so the copy's are removed (it runs eagerly).
     fp8 weights of `Fp8Linear`s stay fp8 (they upcast per matmul); any other fp8 tensor is upcast.
     """
-    from fluxlora.fp8 import Fp8Linear
-    from fluxlora.speed import uncompiled
+    from fluxlora.perf.fp8 import Fp8Linear
+    from fluxlora.perf.speed import uncompiled
 
     if getattr(transformer, "_fluxlora_block_swap", None) is not None:
         raise ValueError("a transformer with block swapping has no full copy of its weights on the device; "
@@ -187,7 +187,7 @@ class TimedSampler(L.Callback):
         return [p.prompt for p in self._prompts] if self.enabled else []
 
     def prepare(self, components: Any, encoders: Any) -> None:
-        """Encode the prompts now, before training, with `encoders.texts` (`fluxlora.encode.StagedEncoders`: a
+        """Encode the prompts now, before training, with `encoders.texts` (`fluxlora.models.encode.StagedEncoders`: a
         CLIP-L stage then a T5 stage); rounds render from these encodings."""
         if self.enabled:
             self._renderer = SampleRenderer(components, self._prompts, encoders.texts)

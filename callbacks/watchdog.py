@@ -42,7 +42,7 @@ class StepHeartbeatWatchdog(HeartbeatMonitor, L.Callback):
         poll_s: how often the monitor thread looks; None = a tenth of the shortest limit, between 0.05 s and 1 s.
         exit_code: exit status used when the watchdog fires.
         rank: this process's rank in a multi-process (DDP) run, recorded in the heartbeat file. Each rank keeps
-            its own files (``fluxlora.rank_health.heartbeat_path``); when the watchdog fires, the message also
+            its own files (``fluxlora.distributed.health.heartbeat_path``); when the watchdog fires, the message also
             gives the other ranks' last heartbeats.
 
     Example::
