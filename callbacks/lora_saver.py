@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from fluxlora.atomic import atomic_write_bytes
 from fluxlora.heartbeat import in_stage
-from fluxlora.lora.inject import diffusers_state_dict, kohya_state_dict, training_metadata
+from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict, training_metadata
 
 log = logging.getLogger(__name__)
 

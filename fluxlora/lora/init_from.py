@@ -12,6 +12,9 @@ kohya files adapt BFL's fused layers (`img_attn_qkv`, single-block `linear1`); d
 Per-layer ranks and alphas reach peft through `rank_pattern` / `alpha_pattern`; alpha is set so alpha/rank equals
 the file's scale. Layers the file adapts are always adapted, even outside `lora.train_blocks`; layers the settings
 target and the file lacks start fresh with `lora.rank` / `lora.alpha` (zero up, so the model is unchanged).
+
+`inject_and_load` is the training entry point: the file decides the LoRA config, so it is read before injecting,
+and this module builds on `inject` instead of `inject` reaching back into file reading.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import FluxLoraError
+from fluxlora.lora.inject import ADAPTER, LoraSettings, add_adapters, inject, lora_layers, target_modules
+from fluxlora.lora.keys import kohya_parts, kohya_slot
 
 log = logging.getLogger(__name__)
 
-_KOHYA_RE = re.compile(r"^lora_unet_(double|single)_blocks_(\d+)_(.+)$")
 _PEFT_PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.")
 
 
@@ -48,17 +52,6 @@ class AdapterWeights:
         return self.down.shape[0]
 
 
-def _fused_parts() -> dict[tuple[str, str], list[str]]:
-    """(double|single, kohya layer) -> diffusers sub-modules in BFL order."""
-    from fluxlora.lora.inject import _DOUBLE, _SINGLE
-
-    out: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for kind, table in (("double", _DOUBLE), ("single", _SINGLE)):
-        for sub, (layer, part, _) in table.items():
-            out.setdefault((kind, layer), []).append((part, sub))
-    return {k: [s for _, s in sorted(v)] for k, v in out.items()}
-
-
 def _split_fused(path: Path, key: str, down: torch.Tensor, up: torch.Tensor, scale: float,
                  modules: list[str], sizes: list[int]) -> dict[str, AdapterWeights]:
     """Exact per-part LoRAs of one fused kohya LoRA (see the module docstring for the two cases)."""
@@ -76,7 +69,6 @@ def _split_fused(path: Path, key: str, down: torch.Tensor, up: torch.Tensor, sca
 
 
 def _read_kohya(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, AdapterWeights]:
-    parts_of = _fused_parts()
     stems = sorted({k.split(".", 1)[0] for k in sd})
     skipped = [s for s in stems if s.startswith("lora_te")]
     if skipped:
@@ -84,16 +76,14 @@ def _read_kohya(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.M
                     path, len(skipped))
     out = {}
     for stem in (s for s in stems if not s.startswith("lora_te")):
-        m = _KOHYA_RE.match(stem)
-        if m is None or (m[1], m[3]) not in parts_of:
+        modules = kohya_parts(stem)
+        if modules is None:
             raise FluxLoraError(f"{path}: LoRA layer {stem} is not a Flux block layer fluxlora can train")
         try:
             down, up = sd[f"{stem}.lora_down.weight"].float(), sd[f"{stem}.lora_up.weight"].float()
         except KeyError as e:
             raise FluxLoraError(f"{path}: {stem} lacks {e.args[0]}") from e
         alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
-        block = "transformer_blocks" if m[1] == "double" else "single_transformer_blocks"
-        modules = [f"{block}.{m[2]}.{sub}" for sub in parts_of[(m[1], m[3])]]
         sizes = [_linear(path, transformer, name).out_features for name in modules]
         out.update(_split_fused(path, stem, down, up, alpha / down.shape[0], modules, sizes))
     return out
@@ -131,7 +121,6 @@ def read_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str, 
     """diffusers module name -> its LoRA, from a kohya or diffusers/peft safetensors file."""
     from safetensors.torch import load_file
 
-    from fluxlora.lora.inject import _kohya_slot
     from fluxlora.models.files import read_header
     from fluxlora.models.identify import describe_keys
 
@@ -147,7 +136,7 @@ def read_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str, 
         raise FluxLoraError(f"{path} is not a LoRA file; it looks like {describe_keys(keys)}")
     for name, w in weights.items():
         lin = _linear(path, transformer, name)
-        if _kohya_slot(name) is None:
+        if kohya_slot(name) is None:
             raise FluxLoraError(f"{path}: adapts {name}, which has no kohya counterpart (fluxlora trains block layers)")
         if w.down.shape[1] != lin.in_features or w.up.shape != (lin.out_features, w.rank):
             raise FluxLoraError(f"{path}: LoRA for {name} has shapes {tuple(w.down.shape)}/{tuple(w.up.shape)}; "
@@ -176,3 +165,18 @@ def copy_weights(layers: dict, weights: dict[str, AdapterWeights], adapter: str)
             layer = layers[name]
             layer.lora_A[adapter].weight.copy_(w.down)
             layer.lora_B[adapter].weight.copy_(w.up)
+
+
+def inject_and_load(transformer: torch.nn.Module, settings: LoraSettings) -> list[str]:
+    """`inject`, continuing from `settings.init_from` when it names a file: the file's layers with their own ranks
+    and weights, plus fresh ones on targeted layers the file lacks. Returns the adapted module names."""
+    if not settings.init_from:
+        return inject(transformer, settings)
+    targets = target_modules(transformer, settings)
+    init = read_lora_file(settings.init_from, transformer)
+    shape = lora_config_args(init, [t for t in targets if t not in init], settings.rank, settings.alpha)
+    targets = add_adapters(transformer, settings, sorted(set(targets) | set(init)), shape)
+    copy_weights(lora_layers(transformer), init, ADAPTER)
+    log.info("LoRA initialised from %s: %d layers (ranks %s)", settings.init_from, len(init),
+             sorted({w.rank for w in init.values()}))
+    return targets

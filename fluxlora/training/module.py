@@ -16,7 +16,8 @@ from typing_extensions import override
 from fluxlora.training import flow as fm
 from fluxlora.distributed.strategy import agree_max
 from fluxlora.errors import FluxLoraError
-from fluxlora.lora.inject import LoraSettings, inject, lora_parameters
+from fluxlora.lora.init_from import inject_and_load
+from fluxlora.lora.inject import LoraSettings, lora_parameters
 from fluxlora.training.optim import build_optimizer, build_scheduler
 from fluxlora.perf.speed import uses_cuda_graphs
 
@@ -58,7 +59,7 @@ class FluxLoRAModule(L.LightningModule):
         self.check_finite = bool(check_finite)
         self._nonfinite: torch.Tensor | None = None  # device flag: any non-finite loss since the last step
         self._pending_files: list[str] = []
-        self.adapted = inject(transformer, lora)
+        self.adapted = inject_and_load(transformer, lora)
         transformer.train()  # Lightning warns about eval-mode modules; Flux has no dropout outside LoRA
         self.has_guidance = bool(transformer.config.guidance_embeds)
         n = sum(p.numel() for p in lora_parameters(transformer).values())

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from fluxlora.errors import FluxLoraError
-from fluxlora.lora.inject import ADAPTER, LoraSettings, diffusers_state_dict, inject, kohya_state_dict, lora_layers
+from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
+from fluxlora.lora.init_from import inject_and_load as inject
+from fluxlora.lora.inject import ADAPTER, LoraSettings, lora_layers
 from fluxlora.models import bfl
 from helpers.model_layouts import config_of, save_state, tiny_transformer, transformer_out
 

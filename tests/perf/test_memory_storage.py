@@ -72,7 +72,7 @@ def test_nf4_replaces_block_linears_with_bitsandbytes_and_peft_wraps_them_as_qlo
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    from fluxlora.lora.inject import kohya_state_dict
+    from fluxlora.lora.export import kohya_state_dict
 
     module = module_for(MemorySettings(base_storage="nf4"))
     t = module.transformer
