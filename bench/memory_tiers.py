@@ -208,7 +208,6 @@ def run_cell(spec: dict) -> dict:
     from fluxlora.perf.cuda_setup import prepare_cuda
     from fluxlora.perf.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
-    from fluxlora.perf.speed import uses_cuda_graphs
     from fluxlora.run.train import build_module, precision_for, settings
 
     t_start = time.perf_counter()
@@ -239,7 +238,7 @@ def run_cell(spec: dict) -> dict:
         stage = "setup"
         steps = spec["warm"] + spec["steps"]
         module, swapper = build_module(cfg, transformer, device, compute_dtype, steps)
-        out.update(cuda_graphs=uses_cuda_graphs(transformer), recompute=recompute_kind(transformer))
+        out.update(cuda_graphs=module.perf.cuda_graphs, recompute=recompute_kind(transformer))
         dl = torch.utils.data.DataLoader(Batches(dict(transformer.config), spec["res"], int(cfg.model.t5_max_length)),
                                          batch_size=1, shuffle=True, num_workers=0, pin_memory=device.type == "cuda")
         profile_at = steps - 2 if spec.get("profile") else -1

@@ -161,24 +161,27 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     from fluxlora.perf.memory import MemorySettings, apply_memory_settings
     from fluxlora.training.module import FluxLoRAModule
     from fluxlora.perf.speed import SpeedSettings, apply_speed_settings
+    from fluxlora.perf.state import PerfState
 
     flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
     torch._dynamo.reset()
     counters.clear()
-    apply_memory_settings(transformer, MemorySettings(base_storage=storage, fp8_matmul=fp8_matmul,
-                                                      gradient_checkpointing=gc), torch.bfloat16, "cuda")
+    perf = PerfState(checkpoint_every=apply_memory_settings(
+        transformer, MemorySettings(base_storage=storage, fp8_matmul=fp8_matmul, gradient_checkpointing=gc),
+        torch.bfloat16, "cuda"))
     optim = OmegaConf.create({"name": "adamw", "lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
                               "kwargs": {"foreach": True} if foreach else {}, "scheduler": "constant",
                               "warmup_steps": 0})
     module = FluxLoRAModule(transformer, LoraSettings(rank=16, alpha=16, include_modulation=False),
                             FlowConfig(timestep_sampling="sigmoid"), optim, total_steps=steps + warm,
-                            compute_dtype=torch.bfloat16, check_finite=check_finite)
+                            compute_dtype=torch.bfloat16, check_finite=check_finite, perf=perf)
     decided = apply_speed_settings(
         transformer, SpeedSettings(compile_blocks=bool(compile_blocks), cuda_graphs=cuda_graphs,
                                    compile_scope="model" if compile_blocks == 2 else "blocks",
                                    recompute_in_graph=recompute == "auto",
                                    compile_options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-                                   if skip_module_guards else None), device="cuda")
+                                   if skip_module_guards else None), perf.checkpoint_every, device="cuda")
+    perf.cuda_graphs = decided.cuda_graphs
     dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
                                      persistent_workers=workers > 0, shuffle=True)
     timer = StepTimer(warm, warm + steps - 2 if profile else -1)

@@ -67,8 +67,9 @@ def choose_mode(device: torch.device, model_bytes: int, free_bytes: Optional[int
     return "thread" if free_bytes is not None and free_bytes >= model_bytes + margin_bytes else "between_steps"
 
 
-def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.Module:
-    """An inference copy of the (LoRA-adapted) transformer, in `compute_dtype`.
+def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype, swapping: bool = False) -> torch.nn.Module:
+    """An inference copy of the (LoRA-adapted) transformer, in `compute_dtype`; refused when `swapping`
+    (`PerfState.swapping`: part of the weights live in host memory).
 
     A deep copy keeps compiled forwards bound to the *original* blocks, so the copy's are removed (it runs eagerly).
     fp8 weights of `Fp8Linear`s stay fp8 (they upcast per matmul); any other fp8 tensor is upcast.
@@ -76,7 +77,7 @@ def sampling_copy(transformer: torch.nn.Module, compute_dtype: torch.dtype) -> t
     from fluxlora.perf.fp8 import Fp8Linear
     from fluxlora.perf.speed import uncompiled
 
-    if getattr(transformer, "_fluxlora_block_swap", None) is not None:
+    if swapping:
         raise ValueError("a transformer with block swapping has no full copy of its weights on the device; "
                          "sample in between_steps mode")
     clone = copy.deepcopy(transformer)
@@ -235,7 +236,7 @@ class TimedSampler(L.Callback):
         src = {n: p for n, p in pl_module.transformer.named_parameters() if p.requires_grad}
         if self._model is None:
             heartbeat("sampling_setup", "copying the transformer for the sampling thread")
-            self._model = sampling_copy(pl_module.transformer, pl_module.compute_dtype)
+            self._model = sampling_copy(pl_module.transformer, pl_module.compute_dtype, pl_module.perf.swapping)
             self._lora_dst = {n: p for n, p in self._model.named_parameters() if n in src}
         with torch.no_grad():  # the snapshot: LoRA tensors only, a fast device-local copy
             for n, p in self._lora_dst.items():
@@ -244,7 +245,7 @@ class TimedSampler(L.Callback):
 
     def _resolve_mode(self, pl_module: L.LightningModule) -> None:
         device = pl_module.device
-        swapping = getattr(pl_module.transformer, "_fluxlora_block_swap", None) is not None
+        swapping = pl_module.perf.swapping
         if self._mode == "thread" and swapping:
             raise FluxLoraError("callbacks.sampler.mode=thread needs a full copy of the transformer, which block "
                                 "swapping (memory.blocks_to_swap) keeps off the GPU; use mode=auto or between_steps")

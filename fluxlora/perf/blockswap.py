@@ -118,8 +118,6 @@ class BlockSwapper:
         self._end_queued = False
         self.swapped = {pos: self._take(pos) for pos in self.schedule.swapped}
         self._hooks = []
-        self._transformer = transformer
-        transformer._fluxlora_block_swap = self  # the sampler looks for it (no full copy to sample from)
         for pos, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(partial(self._pre_hook, pos)))
             self._hooks.append(block.register_forward_hook(partial(self._post_hook, pos), always_call=True))
@@ -271,7 +269,6 @@ class BlockSwapper:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._transformer.__dict__.pop("_fluxlora_block_swap", None)
         with self._lock:
             for pos in list(self._transfers):
                 self._evict(pos, "remove")

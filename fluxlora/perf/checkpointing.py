@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 _STATE = threading.local()
 MARK = "_fluxlora_checkpointed"
-EVERY = "_fluxlora_checkpoint_every"
 
 
 def inside_checkpoint() -> bool:
@@ -69,20 +68,12 @@ def checkpoint_blocks(transformer: torch.nn.Module, every: int = 1) -> list[str]
         if pos % every == 0:
             chosen.append(name)
     transformer.enable_gradient_checkpointing(block_checkpoint_func)
-    setattr(transformer, EVERY, every)
     return chosen
-
-
-def checkpoint_every(transformer: torch.nn.Module) -> int:
-    """The k of `checkpoint_blocks(transformer, k)`, or 0 when the transformer is not checkpointed."""
-    if not getattr(transformer, "gradient_checkpointing", False):
-        return 0
-    return int(getattr(transformer, EVERY, 1))
 
 
 def run_blocks_plainly(transformer: torch.nn.Module) -> None:
     """Unmark every block: `block_checkpoint_func` then calls them without torch.utils.checkpoint (their compiled
-    graphs recompute in backward instead, `fluxlora.perf.speed`). Checkpointing stays on for `checkpoint_every`."""
+    graphs recompute in backward instead, `fluxlora.perf.speed`). diffusers' checkpointing switch stays on."""
     for _, block in transformer_blocks(transformer):
         setattr(block, MARK, False)
     transformer.enable_gradient_checkpointing(block_checkpoint_func)  # also where diffusers' own func was set
@@ -91,6 +82,6 @@ def run_blocks_plainly(transformer: torch.nn.Module) -> None:
 def recompute_kind(transformer: torch.nn.Module) -> str:
     """How checkpointed blocks recompute: `graph` (inside their compiled backward, `run_blocks_plainly`), `torch`
     (torch.utils.checkpoint) or `none` (checkpointing off). Benchmarks report it per run."""
-    if not checkpoint_every(transformer):
+    if not getattr(transformer, "gradient_checkpointing", False):  # diffusers' own switch
         return "none"
     return "torch" if any(getattr(b, MARK, False) for _, b in transformer_blocks(transformer)) else "graph"

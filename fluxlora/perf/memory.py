@@ -78,10 +78,11 @@ class MemorySettings:
 
 
 def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings, compute_dtype: torch.dtype,
-                          device: torch.device | str | None = None) -> None:
+                          device: torch.device | str | None = None) -> int:
     """Apply storage and checkpointing to the frozen transformer; call before LoRA layers are added.
 
-    `device`: where NF4 weights are quantized to (default: where the weights are).
+    `device`: where NF4 weights are quantized to (default: where the weights are). Returns the checkpointing
+    interval applied (0 = off), for `PerfState.checkpoint_every`.
     """
     if settings.base_storage == "fp8":
         from fluxlora.perf.fp8 import store_fp8
@@ -102,6 +103,8 @@ def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings
 
         chosen = checkpoint_blocks(transformer, settings.checkpoint_every)
         log.info("gradient checkpointing on %d blocks (every %d)", len(chosen), settings.checkpoint_every)
+        return settings.checkpoint_every
+    return 0
 
 
 def _frozen_bytes(block: torch.nn.Module) -> int:
@@ -152,7 +155,8 @@ def enable_block_swap(transformer: torch.nn.Module, settings: MemorySettings, de
                       heartbeat: Callable[[str], None] | None = None):
     """Install block swapping (after LoRA layers were added, before the model moves to the GPU).
 
-    Returns the `BlockSwapper`, or None when swapping is off or the device is not CUDA (nothing to swap to).
+    Returns the `BlockSwapper` (for `PerfState.swapper`), or None when swapping is off or the device is not CUDA
+    (nothing to swap to).
     """
     if not settings.blocks_to_swap:
         return None

@@ -160,7 +160,6 @@ def uncompiled(module: torch.nn.Module) -> None:
         del m.__dict__["forward"]
     for m in module.modules():
         m._compiled_call_impl = None
-    module.__dict__.pop("_fluxlora_cuda_graphs", None)
 
 
 @contextmanager
@@ -177,24 +176,20 @@ def eager_blocks(module: torch.nn.Module) -> Iterator[None]:
             m.forward = fn
 
 
-def uses_cuda_graphs(transformer: torch.nn.Module) -> bool:
-    """Whether `apply_speed_settings` made `transformer`'s compiled blocks replay CUDA graphs (the training step
-    then marks each step's start, and gradients are kept in their own memory)."""
-    return bool(getattr(transformer, "_fluxlora_cuda_graphs", False))
-
-
-def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, swapping: bool = False,
-                         device: torch.device | str | None = None, base_storage: str = "none",
+def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, checkpoint_every: int = 0,
+                         swapping: bool = False, device: torch.device | str | None = None, base_storage: str = "none",
                          processes: int = 1, budgeted: bool = False) -> SpeedPlan:
-    """Apply the settings for a run on `device`; returns what was decided.
+    """Apply the settings for a run on `device`; returns what was decided (`cuda_graphs`: the caller records it in
+    `PerfState.cuda_graphs`, which the training step reads).
 
-    `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
-    `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set. Checkpointing (`fluxlora.perf.checkpointing`) must already be
-    applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled graph.
+    `checkpoint_every`: the interval `apply_memory_settings` applied (0 = no checkpointing); checkpointing must
+    already be applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled
+    graph. `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
+    `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set.
     """
-    from fluxlora.perf.checkpointing import checkpoint_every, run_blocks_plainly
+    from fluxlora.perf.checkpointing import run_blocks_plainly
 
-    decided = plan(settings, device, base_storage, swapping, checkpoint_every(transformer), processes, budgeted)
+    decided = plan(settings, device, base_storage, swapping, checkpoint_every, processes, budgeted)
     if not decided.compile:
         return decided
     options = dict(settings.compile_options) if settings.compile_options else None
@@ -212,6 +207,5 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
             log.info("gradient checkpointing inside the compiled blocks: their backward recomputes the forward")
         compile_blocks(transformer, mode, options, budget)
     if decided.cuda_graphs:
-        transformer._fluxlora_cuda_graphs = True
         log.info("compiled blocks replay CUDA graphs")
     return decided

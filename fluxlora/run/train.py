@@ -132,25 +132,28 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     (bench/memory_tiers.py calls this too). Read the transformer to `MemorySettings.load_device(device)` first.
 
     Returns:
-        (FluxLoRAModule, BlockSwapper or None).
+        (FluxLoRAModule, BlockSwapper or None); the module's `perf` holds what each step decided.
     """
+    from fluxlora.perf.state import PerfState
+
     memory = settings(MemorySettings, cfg.memory)
     prepare_cuda(device, memory.budget_gb)
-    apply_memory_settings(transformer, memory, compute_dtype, device)
+    perf = PerfState(checkpoint_every=apply_memory_settings(transformer, memory, compute_dtype, device))
     module = FluxLoRAModule(transformer, settings(LoraSettings, cfg.lora), settings(FlowConfig, cfg.flow), cfg.optim,
                             total_steps=steps, compute_dtype=compute_dtype, nonfinite=str(cfg.train.nonfinite),
-                            max_nonfinite_skips=int(cfg.train.max_nonfinite_skips))
+                            max_nonfinite_skips=int(cfg.train.max_nonfinite_skips), perf=perf)
     # installed before Lightning moves the module: the swapped weights stay on the host
-    swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
+    perf.swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
     speed = settings(SpeedSettings, cfg.speed) if cfg.get("speed") is not None else SpeedSettings()
     try:
         devices, nodes = requested_processes(cfg, device)
-        apply_speed_settings(transformer, speed, swapping=swapper is not None, device=device,
-                             base_storage=memory.base_storage, processes=devices * nodes,
-                             budgeted=memory.budget_gb is not None)
+        perf.cuda_graphs = apply_speed_settings(
+            transformer, speed, perf.checkpoint_every, swapping=perf.swapping, device=device,
+            base_storage=memory.base_storage, processes=devices * nodes,
+            budgeted=memory.budget_gb is not None).cuda_graphs
     except ValueError as e:
         raise FluxLoraError(str(e)) from e
-    return module, swapper
+    return module, perf.swapper
 
 
 def _route_lightning_logs() -> None:

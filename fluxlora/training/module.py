@@ -19,7 +19,7 @@ from fluxlora.errors import FluxLoraError
 from fluxlora.lora.init_from import inject_and_load
 from fluxlora.lora.inject import LoraSettings, lora_parameters
 from fluxlora.training.optim import build_optimizer, build_scheduler
-from fluxlora.perf.speed import uses_cuda_graphs
+from fluxlora.perf.state import PerfState
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,13 @@ class FluxLoRAModule(L.LightningModule):
         nonfinite: `stop` ends the run at the first NaN/inf loss; `skip` drops the step and counts.
         max_nonfinite_skips: with `skip`, how many steps may be dropped before the run stops.
         check_finite: test each loss for NaN/inf (one host sync per step); off only for benchmarks.
+        perf: what the memory, swap and speed setup decided (`build_module` fills it in); a plain `PerfState`
+            (nothing applied) by default.
     """
 
     def __init__(self, transformer: torch.nn.Module, lora: LoraSettings, flow: fm.FlowConfig, optim: Any,
                  total_steps: int, compute_dtype: torch.dtype = torch.float32, nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 10, check_finite: bool = True) -> None:
+                 max_nonfinite_skips: int = 10, check_finite: bool = True, perf: PerfState | None = None) -> None:
         super().__init__()
         if nonfinite not in NONFINITE:
             raise ValueError(f"train.nonfinite={nonfinite!r} is not one of {NONFINITE}")
@@ -57,6 +59,7 @@ class FluxLoRAModule(L.LightningModule):
         self.max_nonfinite_skips = int(max_nonfinite_skips)
         self.nonfinite_skips = 0
         self.check_finite = bool(check_finite)
+        self.perf = perf if perf is not None else PerfState()
         self._nonfinite: torch.Tensor | None = None  # device flag: any non-finite loss since the last step
         self._pending_files: list[str] = []
         self.adapted = inject_and_load(transformer, lora)
@@ -90,7 +93,7 @@ class FluxLoRAModule(L.LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if uses_cuda_graphs(self.transformer):
+        if self.perf.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead: replay over them
         loss = self.flow_loss(batch)
         if self.check_finite:
@@ -120,7 +123,7 @@ class FluxLoRAModule(L.LightningModule):
 
     @override
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        if not uses_cuda_graphs(self.transformer):
+        if not self.perf.cuda_graphs:
             optimizer.zero_grad(set_to_none=True)
             return
         # with CUDA graphs a gradient must not be a graph's output buffer, which the next replay writes over:

@@ -107,17 +107,19 @@ def test_with_block_swapping_the_sampler_renders_between_steps_and_refuses_a_cop
     from fluxlora.callbacks import TimedSampler
     from fluxlora.callbacks.sampler import sampling_copy
     from fluxlora.errors import FluxLoraError
+    from fluxlora.perf.state import PerfState
 
     transformer = torch.nn.Linear(2, 2)
-    transformer._fluxlora_block_swap = object()  # what BlockSwapper installs
-    module = SimpleNamespace(transformer=transformer, device=torch.device("cpu"), compute_dtype=torch.float32)
+    perf = PerfState(swapper=object())  # what build_module records when BlockSwapper is installed
+    module = SimpleNamespace(transformer=transformer, device=torch.device("cpu"), compute_dtype=torch.float32,
+                             perf=perf)
     auto = TimedSampler(str(tmp_path), "run", prompts=["a cat"], mode="auto")
     auto._resolve_mode(module)
     assert auto.mode == "between_steps"
     with pytest.raises(FluxLoraError, match="mode=thread needs a full copy"):
         TimedSampler(str(tmp_path), "run", prompts=["a cat"], mode="thread")._resolve_mode(module)
     with pytest.raises(ValueError, match="block swapping"):
-        sampling_copy(transformer, torch.float32)
+        sampling_copy(transformer, torch.float32, swapping=perf.swapping)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from fluxlora.training.flow import FlowConfig
 from fluxlora.lora.inject import LoraSettings, lora_parameters
 from fluxlora.perf.memory import MemorySettings, apply_memory_settings
 from fluxlora.models import tiny
+from fluxlora.perf.state import PerfState
 from fluxlora.training.module import FluxLoRAModule
 
 N_DOUBLE, N_SINGLE = 3, 4  # forward order: doubles at positions 0..2, singles at 3..6
@@ -37,10 +38,10 @@ def module_for(memory: MemorySettings | None = None, train_blocks: str = "all", 
                dtype: torch.dtype = torch.float32) -> FluxLoRAModule:
     """The real LightningModule on the small Flux, memory settings applied as train.py applies them."""
     transformer = small_flux(seed, dtype)
-    apply_memory_settings(transformer, memory or MemorySettings(), dtype)
+    perf = PerfState(checkpoint_every=apply_memory_settings(transformer, memory or MemorySettings(), dtype))
     torch.manual_seed(seed + 1)  # LoRA init draws from the global RNG
     return FluxLoRAModule(transformer, LoraSettings(rank=4, alpha=4, train_blocks=train_blocks), FlowConfig(),
-                          OPTIM, total_steps=4, compute_dtype=dtype)
+                          OPTIM, total_steps=4, compute_dtype=dtype, perf=perf)
 
 
 def train_steps(module: FluxLoRAModule, steps: int = 1, after_forward: Callable[[], None] | None = None) -> dict:

@@ -175,10 +175,12 @@ def test_sampling_mode_reads_the_process_limit_not_the_cards_free_memory(monkeyp
     """20gb/24gb on a large card: the card had 123 GiB free, the budget leaves a few; a copy must not be made."""
     from fluxlora.callbacks import sampler as sampler_mod
     from fluxlora.callbacks.sampler import TimedSampler
+    from fluxlora.perf.state import PerfState
 
     sampler = TimedSampler("out", "x", prompts=["a --w 1024 --h 1024"], mode="auto")
 
     class _Module:
+        perf = PerfState()
         device = torch.device("cuda", 0)
         compute_dtype = torch.bfloat16
         transformer = torch.nn.Linear(1024, 1024)

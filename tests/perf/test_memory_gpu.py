@@ -124,13 +124,12 @@ def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
 def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on):
     """Compiled blocks replaying CUDA graphs (with checkpointing recomputed inside the graph when on) train the
     LoRA that eager blocks train, through the whole run (Lightning's loop, gradient clipping, fused AdamW)."""
-    from fluxlora.perf.speed import uses_cuda_graphs
     from fluxlora.run.train import build_module
 
     common = (f"memory.gradient_checkpointing={gc_on}", "speed.cuda_graphs=auto")
     cfg = make_cfg("trainer.accelerator=gpu", *common, "speed.compile_blocks=true")
     module, _ = build_module(cfg, tiny.build()["transformer"], torch.device("cuda"), torch.bfloat16, 4)
-    assert uses_cuda_graphs(module.transformer)  # what a run resolves to on this GPU
+    assert module.perf.cuda_graphs  # what a run resolves to on this GPU
     eager = _run_lora(make_cfg, "eager", *common, "speed.compile_blocks=false")
     graphs = _run_lora(make_cfg, "graphs", *common, "speed.compile_blocks=true")
     _assert_same_lora(graphs, eager)

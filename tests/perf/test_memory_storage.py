@@ -174,7 +174,8 @@ def test_fp8_matmul_compiles_with_recompute_in_graph_and_trains_as_eager():
     plain = train_steps(module_for(mem), steps=2)
     torch._dynamo.reset()
     module = module_for(mem)
-    assert apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True)).recompute_in_graph
+    assert apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True),
+                                module.perf.checkpoint_every).recompute_in_graph
     compiled = train_steps(module, steps=2)
     assert compiled["losses"] == pytest.approx(plain["losses"], rel=2**-8)
     assert plain["losses"][1] != plain["losses"][0]

@@ -86,7 +86,7 @@ def test_compiled_blocks_with_block_swap_train_as_eager_and_compile_once_per_blo
     module = module_for(mem, "single")
     swapper = BlockSwapper(module.transformer, [0, 2, 3, 5], HostTransfers())
     decided = apply_speed_settings(module.transformer, SpeedSettings(
-        compile_blocks=True, recompute_in_graph=recompute == "graph"), swapping=True)
+        compile_blocks=True, recompute_in_graph=recompute == "graph"), module.perf.checkpoint_every, swapping=True)
     assert decided.recompute_in_graph == (recompute == "graph")
     calls = []
     module.transformer.single_transformer_blocks[1].register_forward_pre_hook(lambda *a: calls.append(1))
@@ -130,7 +130,8 @@ def test_recompute_in_graph_keeps_about_what_torch_checkpointing_keeps():
     ckpt = _saved_activation_bytes(module_for(MemorySettings(base_storage="fp8", gradient_checkpointing=True)))
     torch._dynamo.reset()
     module = module_for(MemorySettings(base_storage="fp8", gradient_checkpointing=True))
-    apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True))  # recompute_in_graph: auto
+    apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True),  # recompute_in_graph: auto
+                         module.perf.checkpoint_every)
     train_steps(module, steps=1)  # compiles
     in_graph = _saved_activation_bytes(module)
     assert ckpt < plain / 10
@@ -179,7 +180,7 @@ def test_cuda_graph_runs_keep_gradients_in_their_own_memory():
     from helpers.memory_helpers import batch, module_for
 
     module = module_for()
-    module.transformer._fluxlora_cuda_graphs = True
+    module.perf.cuda_graphs = True
     params = list(lora_parameters(module.transformer).values())
     seen = []
 
