@@ -6,6 +6,8 @@ import errno
 import re
 from typing import Iterator, Optional
 
+from fluxlora.heartbeat import WATCHDOG_EXIT_CODE
+
 
 class FluxLoraError(RuntimeError):
     """A problem with the user's input or environment; reported as one line, exit status non-zero."""
@@ -39,10 +41,11 @@ class RunInterrupted(FluxLoraError):
 class RankFailedError(StageTimeoutError):
     """Another process of a multi-process (DDP) run stalled, died or failed; the message names the rank.
 
-    Exit status 75, like the watchdog's: the group stalled, and `resume=auto` (or the supervisor) continues it.
+    Exit status :data:`fluxlora.heartbeat.WATCHDOG_EXIT_CODE` (75), like the watchdog's: the group stalled, and
+    `resume=auto` (or the supervisor) continues it.
     """
 
-    exit_code = 75
+    exit_code = WATCHDOG_EXIT_CODE
 
     def __init__(self, stage: str, seconds: float, detail: str, ranks: tuple[int, ...] = ()) -> None:
         self.stage, self.seconds, self.ranks = stage, seconds, tuple(ranks)

@@ -297,6 +297,37 @@ class HeartbeatMonitor:
             log.warning("heartbeat file %s not written: %s", self._heartbeat_path, e)
 
 
+def read_beat(path: str | Path) -> dict:
+    """The heartbeat file a :class:`HeartbeatMonitor` writes at `path`; {} when it is missing or unreadable.
+
+    Its keys: ``pid``, ``host``, ``rank``; ``state`` (running, stalled, stopped, exception, finished, ...) and, after
+    a failure, ``error``; ``stage``, ``detail``, ``step`` and ``phase`` of the last heartbeat; ``time`` (wall clock of
+    the last heartbeat), ``timeout_s`` (the limit it is held to) and ``updated`` (when the file was written). The one
+    reader: the supervisor (`fluxlora.supervise`) and the other ranks (`fluxlora.distributed`) use it.
+    """
+    try:
+        beat = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return beat if isinstance(beat, dict) else {}
+
+
+def beat_age(beat: dict, now: Optional[float] = None) -> float:
+    """Seconds since the last heartbeat of `beat` (0 when it has no time)."""
+    now = time.time() if now is None else now
+    return now - float(beat.get("time", now))
+
+
+def beat_stage(beat: dict) -> str:
+    """Where `beat` was: "stage 'S' at step K"."""
+    return f"stage '{beat.get('stage')}' at step {beat.get('step')}"
+
+
+def beat_where(beat: dict, now: Optional[float] = None) -> str:
+    """"last heartbeat Ns ago in stage 'S' at step K", for a message about a stale or ended process."""
+    return f"last heartbeat {beat_age(beat, now):.1f}s ago in {beat_stage(beat)}"
+
+
 def _call_quietly(fn: Optional[Callable[[], Any]]) -> Any:
     """Run a hook of the firing path; its failure must not keep the process from ending."""
     if fn is None:

@@ -17,7 +17,6 @@ child has exited whatever is left of its group is killed before the restart star
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -26,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from fluxlora.heartbeat import WATCHDOG_EXIT_CODE, beat_age, beat_stage, beat_where, read_beat
 
 _REFUSED = ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--info", "--run", "-r")
 
@@ -51,7 +52,7 @@ def read_watch(overrides: list[str]) -> Watch:
         raise SystemExit("fluxlora.supervise: error: the run needs callbacks.watchdog with a heartbeat_file")
     out = Path(str(cfg.output.dir))
     return Watch(Path(str(node.heartbeat_file)), Path(str(node.get("monitor_log") or out / "monitor.log")),
-                 float(node.setup_timeout_s), int(node.get("exit_code", 75)))
+                 float(node.setup_timeout_s), int(node.get("exit_code", WATCHDOG_EXIT_CODE)))
 
 
 class Supervisor:
@@ -143,35 +144,27 @@ class Supervisor:
     def _stale(self, pid: int, started: float) -> str:
         """Why the child counts as hung ("" while it is fine)."""
         now = time.time()
-        try:
-            beat = json.loads(self._watch.heartbeat.read_text())
-        except (OSError, ValueError):
-            beat = None
+        beat = read_beat(self._watch.heartbeat)
         if not beat or beat.get("pid") != pid:
             limit = self._watch.setup_timeout_s + self._grace
             return f"no heartbeat for {now - started:.1f}s after start (limit {limit:g}s)" \
                 if now - started > limit else ""
-        late = now - float(beat["time"])
         limit = float(beat["timeout_s"]) + self._grace
-        if late > limit:
-            return (f"last heartbeat {late:.1f}s ago in stage '{beat.get('stage')}' at step {beat.get('step')} "
-                    f"(limit {beat['timeout_s']:g}s + {self._grace:g}s grace)")
+        if beat_age(beat, now) > limit:
+            return f"{beat_where(beat, now)} (limit {beat['timeout_s']:g}s + {self._grace:g}s grace)"
         return ""
 
     def _last_stage(self, pid: int) -> str:
-        try:
-            beat = json.loads(self._watch.heartbeat.read_text())
-        except (OSError, ValueError):
-            return ""
+        beat = read_beat(self._watch.heartbeat)
         if beat.get("pid") != pid:
             return ""
-        return f"; last heartbeat: stage '{beat.get('stage')}' at step {beat.get('step')} ({beat.get('state')})"
+        return f"; last heartbeat: {beat_stage(beat)} ({beat.get('state')})"
 
     def _cause(self, rc: int, log_size: int) -> Optional[str]:
         if self._forwarded is not None:
             return None
         if rc == self._watch.watchdog_exit_code:
-            error = _read_json(self._watch.heartbeat).get("error", "")
+            error = read_beat(self._watch.heartbeat).get("error", "")
             if error:  # a stage of another rank stalled or a rank died (DDP); the child named it
                 return f"the child ended with exit {rc}: {error}"
             return f"the watchdog ended the child (exit {rc}; stacks in {self._watch.monitor_log})"
@@ -194,13 +187,6 @@ def _kill_group(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGKILL)  # SIGKILL works on a stopped process, SIGTERM would wait for SIGCONT
     except ProcessLookupError:
         pass
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _new_text(path: Path, offset: int) -> str:

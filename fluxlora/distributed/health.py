@@ -15,13 +15,14 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from fluxlora.heartbeat import beat_where, read_beat
 
 COLLECTIVE_MARKERS = ("gloo", "nccl", "timed out", "connection closed", "connection reset", "broken pipe",
                       "distributed", "process group", "processgroup", "collective", "socket", "store")
@@ -40,13 +41,6 @@ def looks_collective(text: str) -> bool:
     """True when an error message comes from a failed collective or the store, not from the rank's own work."""
     low = text.lower()
     return any(m in low for m in COLLECTIVE_MARKERS)
-
-
-def read_beat(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def pid_alive(pid: Optional[int], host: Optional[str]) -> Optional[bool]:
@@ -85,8 +79,7 @@ def peer_state(base: Path, rank: int, now: Optional[float] = None) -> PeerState:
     if not beat:
         return PeerState(rank, "missing", f"rank {rank} wrote no heartbeat file ({path})")
     now = time.time() if now is None else now
-    where = (f"last heartbeat {now - float(beat.get('time', now)):.1f}s ago in stage '{beat.get('stage')}' "
-             f"at step {beat.get('step')}")
+    where = beat_where(beat, now)
     who = f"pid {beat.get('pid')}" + (f" on host {beat['host']}" if beat.get("host") else "")
     state, error = str(beat.get("state", "running")), str(beat.get("error") or "")
     error = error if len(error) <= 300 else error[:300] + " ..."

@@ -25,7 +25,8 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
 
-from fluxlora.distributed.health import heartbeat_path, read_beat
+from fluxlora.distributed.health import heartbeat_path
+from fluxlora.heartbeat import beat_stage, read_beat
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class RankLauncher(_SubprocessScriptLauncher):
         if self.heartbeat_file is not None:
             beat = read_beat(heartbeat_path(self.heartbeat_file, rank))
             if beat.get("pid") == proc.pid:
-                text += f"; its last heartbeat: stage '{beat.get('stage')}' at step {beat.get('step')}"
+                text += f"; its last heartbeat: {beat_stage(beat)}"
                 if beat.get("error"):
                     text += f"; its error: {beat['error']}"
         return text
