@@ -1,6 +1,6 @@
 """VRAM tiers under a hard memory cap: for each tier and resolution, a Flux.1-dev-shaped random model read from a
 BFL single file through the real loader, the tier's settings applied by the functions a run uses
-(`fluxlora.run.train.precision_for` / `build_module`), warm-up plus timed steps through FluxLoRAModule and a Lightning
+(`fluxlora.run.build.precision_for` / `build_module`), warm-up plus timed steps through FluxLoRAModule and a Lightning
 Trainer. Prints one JSON line per cell (peak allocated, peak reserved, s/step, time to first step) and a table.
 
 Each cell runs in its own subprocess (fresh CUDA context, fresh peak counters, an OOM stays in its cell) under the
@@ -208,7 +208,8 @@ def run_cell(spec: dict) -> dict:
     from fluxlora.perf.cuda_setup import prepare_cuda
     from fluxlora.perf.memory import MemorySettings
     from fluxlora.models.transformer import load_transformer
-    from fluxlora.run.train import build_module, precision_for, settings
+    from fluxlora.run.build import build_module, precision_for
+    from fluxlora.run.settings import settings
 
     t_start = time.perf_counter()
     device = torch.device(spec["device"])

@@ -14,6 +14,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
+from fluxlora.callbacks.checkpoint_io import AtomicCheckpointIO
 from fluxlora.distributed.strategy import agree_max
 from fluxlora.errors import RunInterrupted
 from fluxlora.heartbeat import heartbeat
@@ -25,6 +26,13 @@ LAST = "last.ckpt"
 STEP_FILE = re.compile(r"^step(\d{8,})\.ckpt$")
 RUN_KEY = "fluxlora_run"
 """Top-level checkpoint key: {"finished": bool, "max_steps": int, "max_epochs": int|None, "global_step": int}."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
 
 
 def step_file(step: int) -> str:
@@ -86,9 +94,39 @@ class PeriodicCheckpoint(Checkpoint):
         self._handlers: dict[int, Any] = {}
         self.checkpoints: list[Path] = []
 
+    LAST = LAST
+    RUN_KEY = RUN_KEY
+
     @property
     def dirpath(self) -> Path:
         return self._dir
+
+    # ---- the folder's layout: how a run finds what this callback wrote (resume=auto) ----
+
+    @staticmethod
+    def step_of(path: Path) -> Optional[int]:
+        """The step of a ``stepNNNNNNNN.ckpt`` file; None for any other name (``last.ckpt``)."""
+        m = STEP_FILE.match(Path(path).name)
+        return int(m.group(1)) if m else None
+
+    @classmethod
+    def checkpoints_in(cls, folder: Path) -> list[Path]:
+        """The checkpoints in `folder`, newest first: ``stepNNNNNNNN.ckpt`` by step, then ``last.ckpt`` unless it is
+        a link to one of them."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return []
+        steps = ((cls.step_of(p), p) for p in folder.glob("step*.ckpt"))
+        found = [p for _, p in sorted(((s, p) for s, p in steps if s is not None), reverse=True)]
+        last = folder / LAST
+        if last.is_file() and not any(_same_file(last, p) for p in found):
+            found.append(last)
+        return found
+
+    @staticmethod
+    def clean_folder(folder: Path) -> list[Path]:
+        """Remove what a killed save left in `folder` (the atomic IO's temp files); the files removed."""
+        return AtomicCheckpointIO.clean_stale_temps(folder) if Path(folder).is_dir() else []
 
     # ---- saving ----
 
@@ -118,8 +156,8 @@ class PeriodicCheckpoint(Checkpoint):
     def _prune(self, trainer: L.Trainer) -> None:
         if self._keep < 0:
             return
-        files = sorted((int(m.group(1)), p) for p in self._dir.glob("step*.ckpt") if (m := STEP_FILE.match(p.name)))
-        for _, p in files[:max(0, len(files) - self._keep)]:
+        files = [p for p in self.checkpoints_in(self._dir) if self.step_of(p) is not None][::-1]  # oldest first
+        for p in files[:max(0, len(files) - self._keep)]:
             trainer.strategy.remove_checkpoint(p)
 
     @override

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 from typing_extensions import override
@@ -51,6 +51,10 @@ class ModelCard(L.Callback):
         self._settings = dict(settings or {})
         self._format = lora_format
         self.written: Path | None = None
+
+    def add_settings(self, **values: Any) -> None:
+        """Settings known only when the run is built (the run record: resolution, steps, images, ...)."""
+        self._settings.update(values)
 
     def render(self, variant: str, steps: int, epochs: int) -> str:
         """The card's Markdown for a FLUX.1-`variant` base model after `steps` optimizer steps."""

@@ -9,15 +9,9 @@ import hydra
 from omegaconf import DictConfig
 
 from fluxlora.errors import FluxLoraError, RunInterrupted
+from fluxlora.run.hydra_job import is_multirun
 
 log = logging.getLogger("fluxlora")
-
-
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fluxlora.conf", config_name="config")
@@ -30,7 +24,7 @@ def main(cfg: DictConfig) -> float | None:
     except FluxLoraError as e:
         log.error("%s", e)
         interrupted = isinstance(e, RunInterrupted)  # SIGTERM/SIGINT: the whole sweep stops too
-        if _is_multirun() and not interrupted:
+        if is_multirun() and not interrupted:
             raise  # Hydra records the failed job and the sweep goes on
         print(f"fluxlora: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)  # 2; 75 when another rank of a DDP run stalled or died; 143/130 after a signal

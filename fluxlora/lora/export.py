@@ -78,6 +78,9 @@ def diffusers_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torc
     return out
 
 
+_NOT_SS = ("name", "guidance", "rank", "alpha", "train_blocks")  # the modelspec title, or ss_network_* above
+
+
 def training_metadata(settings: LoraSettings, info: dict) -> dict[str, str]:
     """`ss_*` keys as sd-scripts writes them, plus modelspec; every value a string (safetensors header)."""
     arch = "flux-1-dev/lora" if info.get("guidance", True) else "flux-1-schnell/lora"
@@ -94,6 +97,6 @@ def training_metadata(settings: LoraSettings, info: dict) -> dict[str, str]:
         "modelspec.title": str(info.get("name", "fluxlora")),
     }
     for k, v in info.items():
-        if k not in ("name", "guidance"):
+        if k not in _NOT_SS:
             meta[f"ss_{k}"] = v if isinstance(v, str) else json.dumps(v)
     return meta

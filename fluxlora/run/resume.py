@@ -1,6 +1,9 @@
 """Which checkpoint a run continues from: `resume=auto` (newest valid one of the run name), a path, or none.
 
 A checkpoint that does not load, or was made for other LoRA layers, is reported and the one before it is tried.
+The checkpoint callback owns its folder's layout (file names, the run-record key), as Lightning's ModelCheckpoint
+owns its own: the functions here take it as `layout` (the callback's class, found by its config name) and import
+nothing from `fluxlora.callbacks`.
 """
 
 from __future__ import annotations
@@ -9,19 +12,32 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
-from omegaconf import OmegaConf
 
 from fluxlora.errors import FluxLoraError
 from fluxlora.lora.inject import LoraSettings
 
 log = logging.getLogger("fluxlora")
 
-LAST = "last.ckpt"
-RUN_KEY = "fluxlora_run"  # written by fluxlora.callbacks.PeriodicCheckpoint
 _REQUIRED = ("state_dict", "global_step", "loops", "optimizer_states")
+
+
+class CheckpointLayout(Protocol):
+    """What the run needs to know of the checkpoint callback's files (`fluxlora.callbacks.PeriodicCheckpoint`)."""
+
+    RUN_KEY: str
+    """The checkpoint's top-level key holding {"finished": bool, ...}."""
+
+    @staticmethod
+    def step_of(path: Path) -> Optional[int]: ...
+
+    @classmethod
+    def checkpoints_in(cls, folder: Path) -> list[Path]: ...
+
+    @staticmethod
+    def clean_folder(folder: Path) -> list[Path]: ...
 
 
 @dataclass
@@ -34,6 +50,8 @@ class ResumePlan:
     """Its contents (already loaded once to check it)."""
     rejected: list[str] = field(default_factory=list)
     """Checkpoints that were tried and did not load, with why."""
+    run_key: str = "fluxlora_run"
+    """The layout's run-record key (what `finished` reads)."""
 
     @property
     def global_step(self) -> int:
@@ -41,34 +59,12 @@ class ResumePlan:
 
     def finished(self, max_steps: int, max_epochs: Optional[int]) -> bool:
         """True when the checkpoint is the end of a completed run that the current limits would not extend."""
-        info = (self.checkpoint or {}).get(RUN_KEY) or {}
+        info = (self.checkpoint or {}).get(self.run_key) or {}
         if not info.get("finished"):
             return False
         if max_steps and max_steps > 0:
             return self.global_step >= max_steps
         return max_epochs is not None and int(self.checkpoint.get("epoch", 0)) >= max_epochs
-
-
-def candidates(folder: Path) -> list[Path]:
-    """Checkpoints of a run folder, newest first: `stepNNNNNNNN.ckpt` by step, then `last.ckpt`."""
-    from fluxlora.callbacks.checkpoint import STEP_FILE
-
-    if not folder.is_dir():
-        return []
-    steps = sorted(((int(m.group(1)), p) for p in folder.glob("step*.ckpt") if (m := STEP_FILE.match(p.name))),
-                   reverse=True)
-    found = [p for _, p in steps]
-    last = folder / LAST
-    if last.is_file() and not any(_same(last, p) for p in found):
-        found.append(last)
-    return found
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
 
 
 def load_checked(path: Path) -> tuple[Optional[dict], str]:
@@ -99,22 +95,26 @@ def incompatibility(ckpt: dict, own: dict[str, torch.Tensor]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def plan_resume(resume: Any, folder: Path, owner: bool = True) -> ResumePlan:
+def plan_resume(resume: Any, folder: Path, owner: bool = True,
+                layout: Optional[CheckpointLayout] = None) -> ResumePlan:
     """Pick the checkpoint to continue from.
 
     Args:
         resume: ``auto`` (newest valid checkpoint in `folder`), None/``null``/``never`` (fresh start), or a path.
         folder: this run name's checkpoint folder (``outputs/<name>/checkpoints``).
         owner: this process may move an earlier run's checkpoints aside (rank 0 of a multi-process run only).
+        layout: the checkpoint callback's class (its file names); None when checkpointing is off: ``auto`` then
+            finds nothing, and a named file is tried alone.
     """
     value = _resume_value(resume)
     if value is None:
         if owner:
             _set_aside(folder)
         return ResumePlan()
+    key = {"run_key": layout.RUN_KEY} if layout is not None else {}
     if value == "auto":
-        found = candidates(folder)
-        plan = _first_valid(found)
+        found = layout.checkpoints_in(folder) if layout is not None else []
+        plan = _first_valid(found, **key)
         if plan.path is None and found:
             log.warning("resume=auto: no checkpoint in %s loads (%s); starting fresh", folder, "; ".join(plan.rejected))
             if owner:
@@ -123,8 +123,9 @@ def plan_resume(resume: Any, folder: Path, owner: bool = True) -> ResumePlan:
             log.info("resume=auto: no checkpoint in %s; starting fresh", folder)
         return plan
     path = resume_file(value)
-    older = [p for p in candidates(path.parent) if not _same(p, path) and _older(p, path)]
-    plan = _first_valid([path, *older])
+    older = [p for p in layout.checkpoints_in(path.parent) if not _same(p, path) and _older(p, path, layout)] \
+        if layout is not None else []
+    plan = _first_valid([path, *older], **key)
     if plan.path is None:
         raise FluxLoraError(f"resume={value}: the checkpoint does not load ({'; '.join(plan.rejected)})")
     return plan
@@ -144,27 +145,32 @@ def resume_file(value: str) -> Path:
     return path
 
 
-def _older(p: Path, than: Path) -> bool:
-    from fluxlora.callbacks.checkpoint import STEP_FILE
-
-    mp, mt = STEP_FILE.match(p.name), STEP_FILE.match(than.name)
-    if mp and mt:
-        return int(mp.group(1)) < int(mt.group(1))
+def _older(p: Path, than: Path, layout: CheckpointLayout) -> bool:
+    sp, st = layout.step_of(p), layout.step_of(than)
+    if sp is not None and st is not None:
+        return sp < st
     return p.stat().st_mtime <= than.stat().st_mtime
 
 
-def _first_valid(paths: list[Path]) -> ResumePlan:
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _first_valid(paths: list[Path], **key: str) -> ResumePlan:
     rejected = []
     for p in paths:
         ckpt, why = load_checked(p)
         if ckpt is not None:
             if rejected:
                 log.warning("resuming from the previous checkpoint %s instead", p)
-            return ResumePlan(p, ckpt, rejected)
+            return ResumePlan(p, ckpt, rejected, **key)
         msg = f"{p} does not load ({why})"
         log.warning("checkpoint %s; trying the one before it", msg)
         rejected.append(msg)
-    return ResumePlan(rejected=rejected)
+    return ResumePlan(rejected=rejected, **key)
 
 
 def _set_aside(folder: Path) -> None:
@@ -175,17 +181,14 @@ def _set_aside(folder: Path) -> None:
         log.warning("starting fresh: the earlier checkpoints of this run name were moved to %s", dest)
 
 
-def resume_plan(cfg: Any, out: Path, module: Any, callbacks: list, owner: bool = True) -> ResumePlan:
+def resume_plan(cfg: Any, module: Any, folder: Path, layout: Optional[CheckpointLayout],
+                owner: bool = True) -> ResumePlan:
     """The run's resume plan (`cfg.resume`), checked against the LoRA layers of `module`. Only the `owner` (rank 0)
     cleans up or moves files; the other ranks of a multi-process run only read."""
-    from fluxlora.callbacks.checkpoint import PeriodicCheckpoint
-    from fluxlora.callbacks.checkpoint_io import AtomicCheckpointIO
-
-    folder = next((cb.dirpath for cb in callbacks if isinstance(cb, PeriodicCheckpoint)), out / "checkpoints")
-    if folder.is_dir() and owner:
-        for p in AtomicCheckpointIO.clean_stale_temps(folder):
+    if layout is not None and owner:
+        for p in layout.clean_folder(folder):
             log.info("removed %s, left by an interrupted save", p.name)
-    plan = plan_resume(cfg.get("resume"), folder, owner)
+    plan = plan_resume(cfg.get("resume"), folder, owner, layout)
     if plan.path is None:
         return plan
     why = incompatibility(plan.checkpoint, module.state_dict())
@@ -197,23 +200,22 @@ def resume_plan(cfg: Any, out: Path, module: Any, callbacks: list, owner: bool =
     return plan
 
 
-def finished_run(cfg: Any, out: Path) -> Optional[ResumePlan]:
+def finished_run(cfg: Any, lora: LoraSettings, folder: Path, layout: Optional[CheckpointLayout]) \
+        -> Optional[ResumePlan]:
     """The plan of a run that has nothing left to do, told from its checkpoint alone, before anything is loaded or
     written. None when there is training to do, or when the checkpoint was made with other LoRA settings (or by a
     version that did not record them): the full check after loading then decides and names the difference."""
     value = _resume_value(cfg.get("resume"))
-    if value is None:
+    if value is None or layout is None:
         return None
-    node = (cfg.get("callbacks") or {}).get("checkpoint")
-    folder = Path(str(node.dirpath)) if node is not None and node.get("dirpath") else out / "checkpoints"
-    for path in candidates(folder) if value == "auto" else [resume_file(value)]:
+    for path in layout.checkpoints_in(folder) if value == "auto" else [resume_file(value)]:
         ckpt, _ = load_checked(path)
         if ckpt is None:
             continue  # not this one: the full check reports it
-        plan = ResumePlan(path, ckpt)
-        lora = (ckpt.get("fluxlora") or {}).get("lora")
+        plan = ResumePlan(path, ckpt, run_key=layout.RUN_KEY)
+        recorded = (ckpt.get("fluxlora") or {}).get("lora")
         try:
-            same = lora is not None and LoraSettings(**lora) == LoraSettings(**OmegaConf.to_container(cfg.lora))
+            same = recorded is not None and LoraSettings(**recorded) == lora
         except (TypeError, ValueError):  # settings of another version: the full check decides
             same = False
         done = plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs"))

@@ -1,10 +1,11 @@
-"""The run's configuration checked before anything is loaded or written: every settings group, the optimizer, the
-trainer's numbers. A mistake ends the run within seconds, in one line naming the key."""
+"""The run's configuration checked before anything is loaded or written, and parsed once into `RunSettings`: every
+settings group, the optimizer, the trainer's numbers. A mistake ends the run within seconds, in one line naming the
+key; what passes is handed down typed, so nothing downstream parses a group again."""
 
 from __future__ import annotations
 
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +17,7 @@ from fluxlora.lora.inject import LoraSettings
 from fluxlora.perf.memory import MemorySettings
 from fluxlora.models.components import resolve_dtype
 from fluxlora.training.module import NONFINITE
-from fluxlora.training.optim import check_optim
+from fluxlora.training.optim import OptimSettings, check_optim
 from fluxlora.perf.speed import SpeedSettings
 
 
@@ -55,13 +56,36 @@ def _fits(value: Any, t: Any) -> bool:
     return True  # a type a config value cannot be checked against here: the dataclass checks it
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Every settings group, checked before anything is loaded or written: a mistake ends the run within seconds,
-    in one line naming the key. (The dataset and the callbacks' files are checked next, still before loading.)"""
-    for cls, key in ((LoraSettings, "lora"), (FlowConfig, "flow"), (MemorySettings, "memory"),
-                     (SpeedSettings, "speed"), (DistributedSettings, "distributed")):
-        if cfg.get(key) is not None:
-            settings(cls, cfg[key], key)
+@dataclass(frozen=True)
+class TrainSettings:
+    """The `train` group: what a non-finite loss does."""
+
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every settings group of a run, parsed and checked once (`check_config`) and passed down."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+_GROUPS = {"lora": LoraSettings, "flow": FlowConfig, "memory": MemorySettings, "speed": SpeedSettings,
+           "distributed": DistributedSettings}
+
+
+def check_config(cfg: DictConfig) -> RunSettings:
+    """Every settings group, checked before anything is loaded or written, as the run's RunSettings: a mistake ends
+    the run within seconds, in one line naming the key. (The dataset and the callbacks' files are checked next,
+    still before loading.) A group left out of the config keeps its defaults."""
+    groups = {key: settings(cls, cfg[key], key) for key, cls in _GROUPS.items() if cfg.get(key) is not None}
     if str(cfg.train.nonfinite) not in NONFINITE:
         raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
     _whole(cfg.train, "max_nonfinite_skips", "train", 0)
@@ -77,10 +101,12 @@ def check_config(cfg: DictConfig) -> None:
         raise FluxLoraError(f"trainer.precision={precision!r} is not one of {sorted(set(map(str, _precisions())))} "
                             "(null: bf16-mixed on CUDA, 32-true on the CPU)")
     try:
-        check_optim(cfg.optim)
+        optim = check_optim(cfg.optim)
     except ValueError as e:
         raise FluxLoraError(str(e)) from None
     resolve_dtype(cfg.model.get("dtype"))
+    train = TrainSettings(str(cfg.train.nonfinite), int(cfg.train.max_nonfinite_skips))
+    return RunSettings(**groups, optim=optim, train=train)
 
 
 def _whole(node: Any, key: str, group: str, minimum: int) -> None:

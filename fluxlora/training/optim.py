@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """The `optim` group, checked (`check_optim` builds it): what `build_optimizer` and `build_scheduler` read."""
+
+    name: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    kwargs: dict = field(default_factory=dict)
+    scheduler: str = "constant"
+    warmup_steps: int = 0
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
@@ -19,7 +34,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any) -> torch.opt
     """
     params = list(params)
     name = str(cfg.name).lower()
-    kwargs = dict(cfg.get("kwargs") or {})
+    kwargs = dict(getattr(cfg, "kwargs", None) or {})
     lr = float(cfg.lr)
     if name == "adamw":
         if "fused" not in kwargs and "foreach" not in kwargs and params and all(p.is_cuda for p in params):
@@ -48,22 +63,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
     return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_steps), num_training_steps=max(total_steps, 1))
 
 
-def check_optim(cfg: Any) -> None:
-    """Check the `optim` node before anything is loaded; raises ValueError naming the key.
+def check_optim(cfg: Any) -> OptimSettings:
+    """The `optim` node checked before anything is loaded, as OptimSettings; raises ValueError naming the key.
 
     Each value is checked by type, then the optimizer and schedule are built over one dummy parameter, so what the
     libraries themselves refuse (an unknown `kwargs` key, a negative lr) is refused now rather than after caching.
     """
+    known = set(OptimSettings.__dataclass_fields__)
+    unknown = set(cfg) - known
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} for optim; known: {sorted(known)}")
     name = str(cfg.get("name")).lower()
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={cfg.get('name')!r} is not one of {OPTIMIZERS}")
-    for key in ("lr", "eps", "weight_decay"):
-        _number(cfg, key)
+    lr, eps, weight_decay = (_number(cfg, key) for key in ("lr", "eps", "weight_decay"))
     betas = cfg.get("betas")
     if betas is None or len(betas) != 2:
         raise ValueError(f"optim.betas={betas!r} must be two numbers, e.g. [0.9, 0.999]")
-    for i in range(2):
-        _number(cfg.betas, i, f"optim.betas[{i}]")
+    betas = tuple(_number(cfg.betas, i, f"optim.betas[{i}]") for i in range(2))
     warmup = cfg.get("warmup_steps")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"optim.warmup_steps={warmup!r} must be a whole number >= 0")
@@ -71,10 +88,13 @@ def check_optim(cfg: Any) -> None:
         raise ValueError(f"optim.kwargs={cfg.kwargs!r} must be a mapping of extra optimizer arguments")
     if str(cfg.get("scheduler")) not in SCHEDULES:
         raise ValueError(f"optim.scheduler={cfg.get('scheduler')!r} is not one of {SCHEDULES}")
+    checked = OptimSettings(name, lr, weight_decay, betas, eps, dict(cfg.get("kwargs") or {}), str(cfg.scheduler),
+                            warmup)
     try:
-        build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg), cfg, total_steps=1)
+        build_scheduler(build_optimizer([torch.nn.Parameter(torch.zeros(1))], checked), checked, total_steps=1)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"optim (name={name}, kwargs={dict(cfg.get('kwargs') or {})}): {e}") from e
+        raise ValueError(f"optim (name={name}, kwargs={checked.kwargs}): {e}") from e
+    return checked
 
 
 def _number(node: Any, key: Any, label: str | None = None) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxlora.callbacks import AtomicCheckpointIO
+from fluxlora.callbacks import AtomicCheckpointIO, PeriodicCheckpoint
 from fluxlora.callbacks.checkpoint_io import CheckpointMirror
 from fluxlora.errors import FluxLoraError, RunInterrupted
 from fluxlora.run.resume import plan_resume
@@ -161,7 +161,7 @@ def test_broken_newest_checkpoint_is_reported_and_the_previous_one_used(make_cfg
     newest = folder / "step00000006.ckpt"
     newest.write_bytes(newest.read_bytes()[:1000])  # torn by a disk that lied about fsync (last is the same inode)
     caplog.set_level(logging.INFO)
-    plan = plan_resume(str(newest), folder)
+    plan = plan_resume(str(newest), folder, layout=PeriodicCheckpoint)
     assert plan.path == folder / "step00000004.ckpt" and "does not load" in plan.rejected[0]
     run(make_cfg(*FAST))
     assert any("step00000006.ckpt does not load" in r.getMessage() for r in caplog.records)

@@ -124,7 +124,7 @@ def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
 def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on):
     """Compiled blocks replaying CUDA graphs (with checkpointing recomputed inside the graph when on) train the
     LoRA that eager blocks train, through the whole run (Lightning's loop, gradient clipping, fused AdamW)."""
-    from fluxlora.run.train import build_module
+    from fluxlora.run.build import build_module
 
     common = (f"memory.gradient_checkpointing={gc_on}", "speed.cuda_graphs=auto")
     cfg = make_cfg("trainer.accelerator=gpu", *common, "speed.compile_blocks=true")

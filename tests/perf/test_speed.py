@@ -47,7 +47,7 @@ def test_bad_settings_are_rejected_and_auto_compiles_on_cuda_only():
 
 
 def test_run_config_applies_compile_blocks(make_cfg):
-    from fluxlora.run.train import build_module
+    from fluxlora.run.build import build_module
 
     cfg = make_cfg("speed.compile_blocks=true")
     transformer = tiny.build()["transformer"]
@@ -57,7 +57,7 @@ def test_run_config_applies_compile_blocks(make_cfg):
 
 
 def test_whole_model_compile_with_block_swap_is_refused(make_cfg, monkeypatch):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import build as train_mod
     from fluxlora.errors import FluxLoraError
 
     monkeypatch.setattr(train_mod, "enable_block_swap", lambda *a, **k: object())  # as on a GPU with swapping on

@@ -82,7 +82,7 @@ def test_nonfinite_loss_in_a_real_run(make_cfg, policy, monkeypatch):
     from fluxlora.errors import FluxLoraError
 
     real = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda *a, **k: real(*a, **k) + [_PoisonBatch(2).callback])
+    monkeypatch.setattr(train_mod, "build_callbacks", lambda *a, **k: {**real(*a, **k), "poison": _PoisonBatch(2).callback})
     cfg = make_cfg("trainer.max_steps=4", "~callbacks.sampler", f"train.nonfinite={policy}")
     if policy == "stop":
         with pytest.raises(FluxLoraError, match=r"non-finite loss at step 2 on batch \[.*img_0"):

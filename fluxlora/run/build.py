@@ -1,0 +1,169 @@
+"""What a run is built from, once its settings are parsed: the device and precision, the callbacks (by their config
+names), the run record both the LoRA file and the model card carry, the LoRA module with its memory and speed
+setup, and Lightning's Trainer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fluxlora.distributed.health import heartbeat_path, peers_summary
+from fluxlora.distributed.strategy import DistributedSettings, RankInfo, build_strategy, requested_processes
+from fluxlora.errors import FluxLoraError
+from fluxlora.models.components import resolve_dtype
+from fluxlora.perf.memory import apply_memory_settings, enable_block_swap
+from fluxlora.perf.speed import apply_speed_settings
+from fluxlora.perf.state import PerfState
+from fluxlora.run.loggers import run_loggers
+from fluxlora.run.resume import CheckpointLayout
+from fluxlora.run.settings import RunSettings, check_config
+from fluxlora.training.module import FluxLoRAModule
+
+
+def device_for(cfg: DictConfig) -> torch.device:
+    """The device `trainer.accelerator` asks for; a GPU asked for and not there is an error, not a CPU run."""
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if acc in ("gpu", "cuda"):
+        raise FluxLoraError(f"trainer.accelerator={acc} but no CUDA device is visible")
+    return torch.device("cpu")
+
+
+def precision_for(cfg: DictConfig, device: torch.device) -> tuple[str, torch.dtype]:
+    """Lightning precision and the transformer's compute dtype: bf16-mixed on CUDA, fp32 on the CPU unless set."""
+    precision = cfg.trainer.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    compute_dtype = torch.bfloat16 if "bf16" in str(precision) else resolve_dtype(cfg.model.get("dtype"))
+    return str(precision), compute_dtype
+
+
+def total_optimizer_steps(cfg: DictConfig, batches_per_epoch: int) -> int:
+    if int(cfg.trainer.max_steps) > 0:
+        return int(cfg.trainer.max_steps)
+    per_epoch = math.ceil(batches_per_epoch / int(cfg.trainer.accumulate_grad_batches))
+    return per_epoch * int(cfg.trainer.max_epochs)
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+
+
+def build_callbacks(cfg: DictConfig, prebuilt: Optional[dict] = None) -> dict[str, L.Callback]:
+    """`cfg.callbacks`, built, by config name in config order (the hook order); `prebuilt` ones are used as given."""
+    callbacks = {}
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        built = (prebuilt or {}).get(key)
+        callbacks[key] = built if built is not None else instantiate_callback(key, node)
+    return callbacks
+
+
+def instantiate_callback(key: str, node: Any, **extra: Any) -> Any:
+    """`callbacks.<key>` built; its constructor's own error (which names the file or flag) as one line."""
+    try:
+        return instantiate(node, **extra)
+    except Exception as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if isinstance(cause, FluxLoraError):
+            raise cause from None
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise FluxLoraError(f"callbacks.{key} could not be built: {first}") from e
+
+
+def start_watchdog(cfg: DictConfig, info: RankInfo | None = None) -> Any:
+    """Build `callbacks.watchdog` and start it now, so model loading and caching are watched too. Each rank of a
+    multi-process run keeps its own heartbeat file and monitor log (rank R: `heartbeat.rankR.json`)."""
+    node = (cfg.get("callbacks") or {}).get("watchdog")
+    if node is None:
+        return None
+    extra = {}
+    if info is not None and info.distributed:
+        extra = {"rank": info.rank, **{k: str(heartbeat_path(node[k], info.rank)) for k in ("heartbeat_file",
+                                                                                          "monitor_log") if node.get(k)}}
+    watchdog = instantiate_callback("watchdog", node, **extra)
+    if info is not None and info.distributed and node.get("heartbeat_file"):
+        base = Path(str(node.heartbeat_file))
+        watchdog.peer_report = lambda: peers_summary(base, info.rank, info.world_size)
+    watchdog.start("setup")
+    return watchdog
+
+
+def checkpoint_layout(cfg: DictConfig, out: Path) -> tuple[Path, Optional[CheckpointLayout]]:
+    """The checkpoint folder and the checkpoint callback's class (it owns the folder's file names), from
+    `callbacks.checkpoint` alone: the run reads them before any callback is built. (out/checkpoints, None) when
+    checkpointing is off."""
+    node = (cfg.get("callbacks") or {}).get("checkpoint")
+    if node is None:
+        return out / "checkpoints", None
+    folder = Path(str(node.dirpath)) if node.get("dirpath") else out / "checkpoints"
+    return folder, get_class(str(node._target_))
+
+
+def run_record(cfg: DictConfig, run: RunSettings, name: str, resolution: Any, images: int, steps: int) -> dict:
+    """What this run was, built once: the LoRA file's `ss_*` header and the model card's settings table both show
+    it (the card adds nothing of its own, the header adds the network keys it derives from the LoRA settings)."""
+    return {"rank": run.lora.rank, "alpha": run.lora.alpha, "train_blocks": run.lora.train_blocks,
+            "init_from": run.lora.init_from, "optimizer": run.optim.name, "learning_rate": run.optim.lr,
+            "lr_scheduler": run.optim.scheduler, "resolution": resolution, "batch_size": int(cfg.data.batch_size),
+            "timestep_sampling": run.flow.timestep_sampling, "guidance_scale": run.flow.guidance_scale,
+            "base_storage": run.memory.base_storage, "gradient_checkpointing": run.memory.gradient_checkpointing,
+            "seed": int(cfg.seed), "max_train_steps": steps, "num_train_images": images, "output_name": name}
+
+
+def record_run(callbacks: dict, record: dict) -> None:
+    """Hand the run record to the callbacks that write it (by config name): the LoRA saver's header, the card."""
+    if callbacks.get("lora_saver") is not None:
+        callbacks["lora_saver"].add_metadata(**record)
+    if callbacks.get("model_card") is not None:
+        callbacks["model_card"].add_settings(**record)
+
+
+# ---------------------------------------------------------------------------------------------------- module, trainer
+
+
+def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype,
+                 steps: int, heartbeat=None, run: RunSettings | None = None):
+    """Memory settings, LoRA layers, block swapping and speed settings on a loaded transformer, in the order a run
+    applies them (bench/memory_tiers.py calls this too). Read the transformer to `MemorySettings.load_device(device)`
+    first; `run` is the run's parsed settings (parsed from `cfg` when not given).
+
+    Returns:
+        (FluxLoRAModule, BlockSwapper or None); the module's `perf` holds what each step decided.
+    """
+    run = run if run is not None else check_config(cfg)
+    memory = run.memory
+    perf = PerfState(checkpoint_every=apply_memory_settings(transformer, memory, compute_dtype, device))
+    module = FluxLoRAModule(transformer, run.lora, run.flow, run.optim, total_steps=steps, compute_dtype=compute_dtype,
+                            nonfinite=run.train.nonfinite, max_nonfinite_skips=run.train.max_nonfinite_skips,
+                            perf=perf)
+    # installed before Lightning moves the module: the swapped weights stay on the host
+    perf.swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
+    try:
+        devices, nodes = requested_processes(cfg, device)
+        perf.cuda_graphs = apply_speed_settings(
+            transformer, run.speed, perf.checkpoint_every, swapping=perf.swapping, device=device,
+            base_storage=memory.base_storage, processes=devices * nodes,
+            budgeted=memory.budget_gb is not None).cuda_graphs
+    except ValueError as e:
+        raise FluxLoraError(str(e)) from e
+    return module, perf.swapper
+
+
+def make_trainer(cfg: DictConfig, out: Path, callbacks: list, precision: str, info: RankInfo,
+                 dist: DistributedSettings) -> L.Trainer:
+    """Lightning's Trainer from `cfg.trainer`, with the run's callbacks, loggers, checkpoint IO and strategy."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = precision
+    if not trainer_cfg.get("gradient_clip_val"):
+        trainer_cfg["gradient_clip_val"] = None
+    trainer_cfg.pop("strategy", None)
+    plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=run_loggers(out / "logs"), default_root_dir=str(out),
+                       plugins=plugins, strategy=build_strategy(cfg, info, dist))
