@@ -25,7 +25,7 @@ from fluxlora.models.encode import VAE_DECODE_BYTES_PER_PIXEL
 from fluxlora.errors import FluxLoraError
 from fluxlora.heartbeat import heartbeat
 from fluxlora.process_exit import track_native_thread
-from fluxlora.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
+from fluxlora.models.sampling import SampleRenderer, SamplingCancelled, grid, load_prompts
 from fluxlora.perf.speed import eager_blocks
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from fluxlora.heartbeat import WATCHDOG_EXIT_CODE
 
@@ -127,14 +127,17 @@ def write_error(exc: BaseException) -> Optional[OSError]:
     return None
 
 
-def stage_error(exc: BaseException, stage: str) -> Optional[FluxLoraError]:
+def stage_error(exc: BaseException, stage: str,
+                memory: Optional[Callable[[], Optional[tuple[int, int]]]] = None) -> Optional[FluxLoraError]:
     """`exc` as the one-line error that names `stage`, for failures a user can act on: the GPU ran out of memory, or
-    a file could not be written. None for anything else (a FluxLoraError already names what it is about)."""
+    a file could not be written. None for anything else (a FluxLoraError already names what it is about).
+    `memory`: (bytes in use, the process's limit) for the out-of-memory line (`fluxlora.perf.cuda_setup.memory_use`,
+    passed by the run: errors sit below perf and import nothing from it)."""
     if isinstance(exc, FluxLoraError):
         return None
     for e in _chain(exc):
         if _is_out_of_memory(e):
-            return OutOfGpuMemory(stage, *_gpu_memory())
+            return OutOfGpuMemory(stage, *((memory() if memory is not None else None) or (None, None)))
     err = write_error(exc)
     if err is not None:
         return DiskWriteFailed(stage, err.filename, err.strerror or str(err), err.errno)
@@ -160,10 +163,3 @@ def _is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and _CUDA_OOM.search(str(e)) is not None
-
-
-def _gpu_memory() -> tuple[Optional[int], Optional[int]]:
-    """(bytes the caching allocator holds, the process's limit) on the current CUDA device; (None, None) without one."""
-    from fluxlora.perf.cuda_setup import memory_use  # the limit: the process's cap (memory.budget_gb) or the card's total
-
-    return memory_use() or (None, None)

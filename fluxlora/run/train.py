@@ -23,7 +23,7 @@ from fluxlora.errors import FluxLoraError, RunInterrupted, stage_error
 from fluxlora.heartbeat import heartbeat, last_stage
 from fluxlora.models import load_components
 from fluxlora.models.encode import StagedEncoders
-from fluxlora.perf.cuda_setup import memory_limit, prepare_cuda
+from fluxlora.perf.cuda_setup import memory_limit, memory_use, prepare_cuda
 from fluxlora.run.build import (build_callbacks, build_module, checkpoint_layout, device_for, make_trainer,
                                 precision_for, record_run, run_record, start_watchdog, total_optimizer_steps)
 from fluxlora.run.hydra_job import job_name
@@ -106,7 +106,7 @@ def _failure(job: Job, e: BaseException) -> BaseException:
     a collective waited for; anything else as it was. The watchdog records it first: the other ranks and the
     supervisor read it to tell who failed first."""
     watchdog = job.watchdog
-    named = stage_error(e, watchdog.stage if watchdog is not None else last_stage())
+    named = stage_error(e, watchdog.stage if watchdog is not None else last_stage(), memory=memory_use)
     if watchdog is not None:
         watchdog.stop("exception", error=str(named) if named else f"{type(e).__name__}: {e}")
     if job.info.distributed and is_collective_failure(e):

@@ -11,7 +11,7 @@ import torch
 
 from helpers.faults import fluxlora_cmd, run_cli
 from fluxlora.callbacks.sampler import choose_mode
-from fluxlora.sampling import SampleRenderer
+from fluxlora.models.sampling import SampleRenderer
 from fluxlora.run.train import run
 
 TIMEOUT = 1.0

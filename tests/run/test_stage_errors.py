@@ -159,10 +159,10 @@ def test_out_of_memory_in_each_stage_is_one_line_naming_it(make_cfg, capsys, mon
 
 
 def test_out_of_memory_line_carries_the_measured_use_and_limit(make_cfg, capsys, monkeypatch):
-    from fluxlora import errors
+    from fluxlora.run import train as train_mod
 
     _oom_in_loading(monkeypatch)
-    monkeypatch.setattr(errors, "_gpu_memory", lambda: (int(6.92 * GiB), 7 * GiB))
+    monkeypatch.setattr(train_mod, "memory_use", lambda: (int(6.92 * GiB), 7 * GiB))  # what the run reports
     code, errors_, _ = _main(make_cfg(*FAST), capsys, monkeypatch)
     assert code == 2 and errors_ == [
         "fluxlora: error: stage 'load_model' ran out of GPU memory (6.92 GiB of 7.00 GiB): use a smaller +vram tier, "
@@ -186,7 +186,7 @@ def test_out_of_memory_while_sampling_switches_sampling_off_and_training_goes_on
 
 def test_out_of_memory_inside_a_sampling_round_is_logged_and_training_goes_on(make_cfg, capsys, monkeypatch,
                                                                               caplog):
-    from fluxlora.sampling import SampleRenderer
+    from fluxlora.models.sampling import SampleRenderer
 
     calls = []
 
