@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 TIERS = ("8gb", "12gb", "16gb", "20gb", "24gb")
@@ -161,6 +163,15 @@ class SmiPeak:
         return self.peak
 
 
+_CELLS: set = set()  # running cells: killed when this script is (a device call's time limit), never left behind
+
+
+def _kill_cells(*_: object) -> None:
+    for proc in list(_CELLS):
+        proc.kill()
+    raise SystemExit(124)
+
+
 def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Path, steps: int) -> dict:
     name = f"{tier}-{res}{tag}"
     cmd = [sys.executable, "-m", "fluxlora", "model=flux-dev", f"model.path={args.models}", "data=folder",
@@ -171,13 +182,16 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
     smi = SmiPeak()
     t0 = time.monotonic()
     # not from the checkout: `-m` would import its fluxlora/ instead of the installed package
+    print(f"cell {name}: started", flush=True)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=args.work)
+    _CELLS.add(proc)
     try:
         out, _ = proc.communicate(timeout=args.cell_timeout)
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         proc.kill()
         out, rc = proc.communicate()[0], "timeout"
+    _CELLS.discard(proc)
     wall = time.monotonic() - t0
     folder = Path(args.work) / name
     stages = folder / "stages.json"
@@ -239,11 +253,10 @@ def main() -> None:
                                                    "sample.at_end=false"], f"{tag}-warm", inductor, 2))
         return rows
 
-    from concurrent.futures import ThreadPoolExecutor
-
+    signal.signal(signal.SIGTERM, _kill_cells)  # `timeout` sends SIGTERM: end the cells too, print what finished
     with ThreadPoolExecutor(args.parallel) as pool:  # >1: memory peaks hold, timings share the GPU
-        for rows in pool.map(cell, cells):
-            for row in rows:
+        for done in as_completed([pool.submit(cell, c) for c in cells]):  # each row as soon as its cell ends
+            for row in done.result():
                 print(json.dumps(row), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
