@@ -100,7 +100,8 @@ def cmd_check(d: Path, steps: int) -> None:
     from safetensors.torch import save_file
 
     from fluxlora.training.flow import FlowConfig
-    from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict, training_metadata
+    from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
+    from fluxlora.lora.header import training_metadata
     from fluxlora.lora.inject import LoraSettings
     from fluxlora.models import tiny
     from fluxlora.models.transformer import load_transformer

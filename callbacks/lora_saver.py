@@ -13,7 +13,8 @@ from typing_extensions import override
 
 from fluxlora.atomic import atomic_write_bytes
 from fluxlora.heartbeat import in_stage
-from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict, training_metadata
+from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
+from fluxlora.lora.header import file_metadata, trained_scales, training_metadata
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,16 @@ class LoRASaver(L.Callback):
             if self._format in ("diffusers", "both"):
                 suffix = ".safetensors" if self._format == "diffusers" else ".diffusers.safetensors"
                 paths.append(self._write(diffusers_state_dict(pl_module.transformer, self._dtype), meta,
-                                         stem + suffix))
+                                         stem + suffix, trained_scales(pl_module.transformer)))
         self.saved.extend(paths)
         return paths
 
-    def _write(self, tensors: dict, meta: dict, filename: str) -> Path:
+    def _write(self, tensors: dict, meta: dict, filename: str, scales: Optional[dict] = None) -> Path:
+        """Write `tensors` with `meta` completed for exactly them (network dim/alpha of their layers, sd-scripts'
+        sshs_* hashes); `scales`: each layer's trained alpha/rank where the file has no `.alpha` (diffusers keys)."""
         path = self._dir / filename
-        atomic_write_bytes(path, save({k: v.cpu() for k, v in tensors.items()}, metadata=meta))
+        tensors = {k: v.cpu() for k, v in tensors.items()}
+        atomic_write_bytes(path, save(tensors, metadata=file_metadata(meta, tensors, scales)))
         log.info("saved LoRA %s (%d tensors)", path, len(tensors))
         return path
 

@@ -1,4 +1,4 @@
-"""The LoRA files fluxlora writes: kohya (sd-scripts) keys, diffusers/peft keys, and sd-scripts' metadata.
+"""The LoRA files fluxlora writes: kohya (sd-scripts) keys and diffusers/peft keys (the header: `header`).
 
 Diffusers splits BFL's fused layers (img_attn_qkv, single-block linear1) into separate q/k/v(/mlp) Linears.
 Separate LoRAs of rank r on those parts are exactly one LoRA of rank n·r on the fused layer: the downs stack,
@@ -7,13 +7,12 @@ the ups go block-diagonal, and alpha scales by n so alpha/rank stays the same.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import torch
 from peft.tuners.lora import LoraLayer
 
-from fluxlora.lora.inject import ADAPTER, LoraSettings, lora_layers
+from fluxlora.lora.inject import ADAPTER, lora_layers
 from fluxlora.lora.keys import kohya_parts, kohya_slot
 
 
@@ -76,27 +75,3 @@ def diffusers_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torc
         out[f"transformer.{name}.lora_A.weight"] = down.to(dtype).contiguous()
         out[f"transformer.{name}.lora_B.weight"] = (up.float() * scale).to(dtype).contiguous()
     return out
-
-
-_NOT_SS = ("name", "guidance", "rank", "alpha", "train_blocks")  # the modelspec title, or ss_network_* above
-
-
-def training_metadata(settings: LoraSettings, info: dict) -> dict[str, str]:
-    """`ss_*` keys as sd-scripts writes them, plus modelspec; every value a string (safetensors header)."""
-    arch = "flux-1-dev/lora" if info.get("guidance", True) else "flux-1-schnell/lora"
-    meta = {
-        "ss_network_module": "networks.lora_flux",
-        "ss_network_dim": str(settings.rank),
-        "ss_network_alpha": str(settings.alpha),
-        "ss_network_dropout": str(settings.dropout),
-        "ss_network_args": json.dumps({"train_blocks": settings.train_blocks}),
-        "ss_base_model_version": "flux1",
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch,
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
-        "modelspec.title": str(info.get("name", "fluxlora")),
-    }
-    for k, v in info.items():
-        if k not in _NOT_SS:
-            meta[f"ss_{k}"] = v if isinstance(v, str) else json.dumps(v)
-    return meta

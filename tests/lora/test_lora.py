@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from fluxlora.training import flow as fm
 from fluxlora.callbacks.lora_saver import LoRASaver
-from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict, training_metadata
+from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
+from fluxlora.lora.header import training_metadata
 from fluxlora.lora.inject import ADAPTER, LoraSettings, inject, lora_layers
 from fluxlora.models import tiny
 from fluxlora.training.module import FluxLoRAModule
