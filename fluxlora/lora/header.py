@@ -118,18 +118,29 @@ def modelspec_resolution(resolution: Any) -> str:
     return f"{int(resolution[0])}x{int(resolution[1])}"
 
 
-def default_network_args(settings: LoraSettings) -> dict:
-    """`ss_network_args` of a plain LoRA: sd-scripts' lora_flux `train_blocks` network arg."""
-    return {"train_blocks": settings.train_blocks}
+def network_module_args(settings: LoraSettings) -> tuple[str, dict[str, str]]:
+    """(ss_network_module, ss_network_args) as sd-scripts writes them for this type: its own Flux LoRA module for
+    plain LoRA; LyCORIS's kohya module for the rest (sd-scripts' lora_flux has no DoRA), with LyCORIS's argument
+    names and sd-scripts' string values."""
+    if settings.type == "lora":
+        return NETWORK_MODULE, {"train_blocks": settings.train_blocks}
+    if settings.type == "dora":
+        return "lycoris.kohya", {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
+    if settings.type == "lokr":
+        return "lycoris.kohya", {"algo": "lokr", "factor": str(settings.lokr_factor)}
+    return "lycoris.kohya", {"algo": "loha"}
 
 
-def training_metadata(settings: LoraSettings, info: dict, network_module: str = NETWORK_MODULE,
+def training_metadata(settings: LoraSettings, info: dict, network_module: Optional[str] = None,
                       network_args: Optional[dict] = None, now: Optional[float] = None) -> dict[str, str]:
     """The header of one save, every value a string. `info`: the run record (`run.build.run_record`) plus the
     saver's name/guidance/steps/epoch; entries matching an sd-scripts key override its off value, others are written
-    as `ss_<name>`. `network_module` / `network_args`: the adapter type's sd-scripts names (a plain LoRA's
-    by default). `ss_network_dim`/`alpha` here are the settings'; `file_metadata` replaces them with the file's."""
+    as `ss_<name>`. `network_module` / `network_args`: override the adapter type's sd-scripts names
+    (`network_module_args`). `ss_network_dim`/`alpha` here are the settings'; `file_metadata` replaces them with the file's."""
     now = time.time() if now is None else now
+    own_module, own_args = network_module_args(settings)
+    network_module = network_module if network_module is not None else own_module
+    network_args = network_args if network_args is not None else own_args
     record = {_RENAMED.get(k, k): v for k, v in info.items() if k not in _NOT_SS}
     name = str(info.get("name", "fluxlora"))
     batch = int(record.get("batch_size_per_device", 1))
@@ -149,7 +160,7 @@ def training_metadata(settings: LoraSettings, info: dict, network_module: str = 
         "ss_network_dropout": settings.dropout, "ss_optimizer": None,
         **SS_DEFAULTS,
         "ss_batch_size_per_device": None, "ss_total_batch_size": None, "ss_resolution": None,
-        "ss_network_args": network_args if network_args is not None else default_network_args(settings),
+        "ss_network_args": network_args,
         "ss_training_finished_at": now, "ss_steps": None, "ss_epoch": None,
     }
     values.update({f"ss_{k}": v for k, v in derived.items()})

@@ -13,6 +13,10 @@ Per-layer ranks and alphas reach peft through `rank_pattern` / `alpha_pattern`; 
 the file's scale. Layers the file adapts are always adapted, even outside `lora.train_blocks`; layers the settings
 target and the file lacks start fresh with `lora.rank` / `lora.alpha` (zero up, so the model is unchanged).
 
+DoRA files carry a magnitude per output row (kohya `dora_scale` (out, 1), peft `lora_magnitude_vector`): rows
+split with the parts like lora_up. LoKr/LoHa files are read by `fluxlora.lora.read_lycoris`. The adapter type is
+read from the file's keys; a file of another type than `lora.type` is refused in one line.
+
 `inject_and_load` is the training entry point: the file decides the LoRA config, so it is read before injecting,
 and this module builds on `inject` instead of `inject` reaching back into file reading.
 """
@@ -28,8 +32,10 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import FluxLoraError
+from fluxlora.lora.adapters import LYCORIS, set_layer_tensors
 from fluxlora.lora.inject import ADAPTER, LoraSettings, add_adapters, inject, lora_layers, target_modules
 from fluxlora.lora.keys import kohya_parts, kohya_slot
+from fluxlora.lora.read_lycoris import check_shapes, read_lycoris
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,8 @@ class AdapterWeights:
     """lora_B / lora_up: out_features × rank, fp32."""
     scale: float
     """alpha / rank of the file's layer; the update is scale·up·down."""
+    magnitude: torch.Tensor | None = None
+    """DoRA: peft's magnitude, one norm per output row (out_features,); None for plain LoRA."""
 
     @property
     def rank(self) -> int:
@@ -53,19 +61,24 @@ class AdapterWeights:
 
 
 def _split_fused(path: Path, key: str, down: torch.Tensor, up: torch.Tensor, scale: float,
-                 modules: list[str], sizes: list[int]) -> dict[str, AdapterWeights]:
+                 modules: list[str], sizes: list[int], magnitude: torch.Tensor | None) -> dict[str, AdapterWeights]:
     """Exact per-part LoRAs of one fused kohya LoRA (see the module docstring for the two cases)."""
-    if up.shape[0] != sum(sizes):
+    if up.shape[0] != sum(sizes) or (magnitude is not None and magnitude.numel() != sum(sizes)):
         raise FluxLoraError(f"{path}: {key} has {up.shape[0]} output rows; this model's layer has {sum(sizes)}")
     n, rank = len(modules), down.shape[0]
     rows = torch.split(up, sizes, dim=0)
+    mags = torch.split(magnitude.flatten(), sizes) if magnitude is not None else [None] * n
     r = rank // n
     block = n > 1 and rank % n == 0 and all(
         not torch.cat([rows[i][:, :i * r], rows[i][:, (i + 1) * r:]], dim=1).any() for i in range(n))
     if block:
-        return {m: AdapterWeights(down[i * r:(i + 1) * r].clone(), rows[i][:, i * r:(i + 1) * r].clone(), scale)
-                for i, m in enumerate(modules)}
-    return {m: AdapterWeights(down.clone(), rows[i].clone(), scale) for i, m in enumerate(modules)}
+        return {m: AdapterWeights(down[i * r:(i + 1) * r].clone(), rows[i][:, i * r:(i + 1) * r].clone(), scale,
+                                  _clone(mags[i])) for i, m in enumerate(modules)}
+    return {m: AdapterWeights(down.clone(), rows[i].clone(), scale, _clone(mags[i])) for i, m in enumerate(modules)}
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
 
 
 def _read_kohya(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, AdapterWeights]:
@@ -85,7 +98,8 @@ def _read_kohya(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.M
             raise FluxLoraError(f"{path}: {stem} lacks {e.args[0]}") from e
         alpha = float(sd[f"{stem}.alpha"]) if f"{stem}.alpha" in sd else float(down.shape[0])
         sizes = [_linear(path, transformer, name).out_features for name in modules]
-        out.update(_split_fused(path, stem, down, up, alpha / down.shape[0], modules, sizes))
+        mag = sd[f"{stem}.dora_scale"].float() if f"{stem}.dora_scale" in sd else None
+        out.update(_split_fused(path, stem, down, up, alpha / down.shape[0], modules, sizes, mag))
     return out
 
 
@@ -103,7 +117,9 @@ def _read_peft(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, AdapterWeig
             raise FluxLoraError(f"{path}: {key} has no matching {up_key}")
         down, up = sd[key].float(), sd[up_key].float()
         alpha = sd.get(f"{name}.alpha")
-        out[module] = AdapterWeights(down, up, float(alpha) / down.shape[0] if alpha is not None else 1.0)
+        mag = sd.get(f"{name}.lora_magnitude_vector")
+        out[module] = AdapterWeights(down, up, float(alpha) / down.shape[0] if alpha is not None else 1.0,
+                                     mag.float().flatten() if mag is not None else None)
     return out
 
 
@@ -117,8 +133,21 @@ def _linear(path: Path, transformer: torch.nn.Module, name: str) -> torch.nn.Lin
     return mod
 
 
-def read_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str, AdapterWeights]:
-    """diffusers module name -> its LoRA, from a kohya or diffusers/peft safetensors file."""
+def file_kind(keys: list[str]) -> str:
+    """lora | dora | lokr | loha, from a file's tensor names (what LyCORIS and ComfyUI go by too)."""
+    if any(".lokr_" in k for k in keys):
+        return "lokr"
+    if any(".hada_" in k for k in keys):
+        return "loha"
+    if any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys):
+        return "dora"
+    return "lora"
+
+
+def read_lora_file(path: str | Path, transformer: torch.nn.Module, kind: str = "lora",
+                   adaptable: list[str] | None = None) -> dict:
+    """diffusers module name -> its adapter, from a kohya, LyCORIS or diffusers/peft safetensors file of `kind`
+    (LoKr/LoHa: `LycorisWeights` for the modules in `adaptable`; else `AdapterWeights`)."""
     from safetensors.torch import load_file
 
     from fluxlora.models.files import read_header
@@ -128,6 +157,11 @@ def read_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str, 
     header = read_header(path)  # missing / truncated / not safetensors: one line naming the file
     keys = list(header.shapes)
     sd = load_file(str(path))
+    if kind in LYCORIS:
+        weights = read_lycoris(path, sd, transformer, kind, adaptable or [])
+        if not weights:
+            raise FluxLoraError(f"{path} holds no transformer {kind} layers")
+        return weights
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         weights = _read_kohya(path, sd, transformer)
     elif any(".lora_A." in k for k in keys):
@@ -146,7 +180,7 @@ def read_lora_file(path: str | Path, transformer: torch.nn.Module) -> dict[str, 
     return weights
 
 
-def lora_config_args(weights: dict[str, AdapterWeights], fresh: list[str], rank: int, alpha: float) -> dict:
+def lora_config_args(weights: dict, fresh: list[str], rank: int, alpha: float) -> dict:
     """`LoraConfig` arguments giving every file layer its own rank and alpha (alpha = scale·rank) and every fresh
     layer `rank` / `alpha`. The most common file (rank, alpha) is the default, so patterns stay short."""
     want = {name: (w.rank, w.scale * w.rank) for name, w in weights.items()} | {n: (rank, float(alpha)) for n in fresh}
@@ -158,13 +192,18 @@ def lora_config_args(weights: dict[str, AdapterWeights], fresh: list[str], rank:
     )
 
 
-def copy_weights(layers: dict, weights: dict[str, AdapterWeights], adapter: str) -> None:
-    """Write the file's downs and ups into the injected peft layers (fp32 parameters)."""
+def copy_weights(layers: dict, weights: dict, adapter: str) -> None:
+    """Write the file's tensors into the injected peft layers (fp32 parameters)."""
     with torch.no_grad():
         for name, w in weights.items():
             layer = layers[name]
+            if not isinstance(w, AdapterWeights):
+                set_layer_tensors(layer, w.tensors)
+                continue
             layer.lora_A[adapter].weight.copy_(w.down)
             layer.lora_B[adapter].weight.copy_(w.up)
+            if w.magnitude is not None:
+                layer.lora_magnitude_vector[adapter].weight.copy_(w.magnitude)
 
 
 def inject_and_load(transformer: torch.nn.Module, settings: LoraSettings) -> list[str]:
@@ -172,10 +211,21 @@ def inject_and_load(transformer: torch.nn.Module, settings: LoraSettings) -> lis
     and weights, plus fresh ones on targeted layers the file lacks. Returns the adapted module names."""
     if not settings.init_from:
         return inject(transformer, settings)
+    from fluxlora.models.files import read_header
+
+    path = Path(settings.init_from).expanduser()
+    kind = file_kind(list(read_header(path).shapes))
+    if kind != settings.type:
+        raise FluxLoraError(f"{path} holds {kind} weights but lora.type={settings.type}; set lora.type={kind} to "
+                            "continue it")
     targets = target_modules(transformer, settings)
-    init = read_lora_file(settings.init_from, transformer)
+    adaptable = target_modules(transformer, LoraSettings(type=settings.type))  # every block Linear
+    init = read_lora_file(path, transformer, kind, adaptable)
     shape = lora_config_args(init, [t for t in targets if t not in init], settings.rank, settings.alpha)
-    targets = add_adapters(transformer, settings, sorted(set(targets) | set(init)), shape)
+    both = any("lokr_w1_a" in getattr(w, "tensors", {}) for w in init.values())
+    targets = add_adapters(transformer, settings, sorted(set(targets) | set(init)), shape, lokr_decompose_both=both)
+    if kind in LYCORIS:
+        check_shapes(path, lora_layers(transformer), init)
     copy_weights(lora_layers(transformer), init, ADAPTER)
     log.info("LoRA initialised from %s: %d layers (ranks %s)", settings.init_from, len(init),
              sorted({w.rank for w in init.values()}))

@@ -9,25 +9,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
-from peft.tuners.lora import LoraLayer
-
+from fluxlora.lora.adapters import ADAPTER, LYCORIS, TYPES, is_adapted, peft_config
 from fluxlora.lora.keys import MODULATION, kohya_slot
 
-ADAPTER = "default"
+__all__ = ["ADAPTER", "LoraSettings", "add_adapters", "inject", "lora_layers", "lora_parameters", "target_modules"]
 TRAIN_BLOCKS = ("all", "single", "double")
 
 
 @dataclass
 class LoraSettings:
-    """Which layers get adapters and how big they are."""
+    """Which layers get adapters, of which type, and how big they are."""
 
+    type: str = "lora"
+    """lora | dora | lokr | loha (README "Adapter types"): peft's LoRA, DoRA (LoRA + a per-output magnitude),
+    LoKr (Kronecker product) or LoHa (Hadamard product of two low-rank products)."""
     rank: int = 16
-    """LoRA rank r (sd-scripts' network_dim)."""
+    """LoRA rank r (sd-scripts' network_dim); for LoKr/LoHa the rank of their low-rank factors."""
     alpha: float = 16.0
-    """Scale numerator: the update is (alpha / rank)·B·A (sd-scripts' network_alpha)."""
+    """Scale numerator: the update is (alpha / rank)·B·A (sd-scripts' network_alpha); LoKr/LoHa scale their
+    product by alpha / rank the same way."""
     dropout: float = 0.0
-    """Dropout on the LoRA input."""
+    """Dropout on the LoRA input (lora/dora only: peft's LoKr/LoHa have no input dropout)."""
+    lokr_factor: int = -1
+    """LoKr only: LyCORIS's `factor`, the size of the Kronecker product's small factor (-1: the most square split
+    of each dimension, LyCORIS's default; 8 or 16 give smaller files)."""
     train_blocks: str = "all"
     """all | single | double, as sd-scripts' train_blocks network arg."""
     include_modulation: bool = True
@@ -37,6 +42,13 @@ class LoraSettings:
     (see `fluxlora.lora.init_from` for how fused kohya layers map onto q/k/v)."""
 
     def __post_init__(self) -> None:
+        if self.type not in TYPES:
+            raise ValueError(f"lora.type={self.type!r} is not one of {TYPES}")
+        if self.type in LYCORIS and self.dropout:
+            raise ValueError(f"lora.dropout={self.dropout} applies to lora/dora; peft's {self.type} has no input "
+                             "dropout: set lora.dropout=0")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lora.lokr_factor must be -1 (most square) or >= 1, got {self.lokr_factor}")
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
@@ -70,26 +82,28 @@ def inject(transformer: torch.nn.Module, settings: LoraSettings) -> list[str]:
                         dict(r=settings.rank, lora_alpha=settings.alpha))
 
 
-def add_adapters(transformer: torch.nn.Module, settings: LoraSettings, targets: list[str], shape: dict) -> list[str]:
-    """Freeze the base model and add LoRA layers on `targets`; `shape`: LoraConfig's rank/alpha arguments."""
+def add_adapters(transformer: torch.nn.Module, settings: LoraSettings, targets: list[str], shape: dict,
+                 lokr_decompose_both: bool = False) -> list[str]:
+    """Freeze the base model and add `settings.type` layers on `targets`; `shape`: LoraConfig's rank/alpha
+    arguments (r, lora_alpha, rank_pattern, alpha_pattern), translated for LoKr/LoHa."""
     if not targets:
         raise ValueError(f"no Linear layers match lora.train_blocks={settings.train_blocks}")
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(
-        **shape, lora_dropout=settings.dropout, init_lora_weights=True, target_modules=targets,
-    ))
+    transformer.add_adapter(peft_config(settings.type, targets, shape, settings.dropout, settings.lokr_factor,
+                                        lokr_decompose_both))
     # peft gives adapters the base layer's dtype (bf16, even float8): train them in fp32
     for p in lora_parameters(transformer).values():
         p.data = p.data.float()
     return targets
 
 
-def lora_layers(transformer: torch.nn.Module) -> dict[str, LoraLayer]:
-    """Adapted modules by their diffusers name."""
-    return {n: m for n, m in transformer.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+def lora_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Adapted modules (peft layers of any `lora.type`) by their diffusers name."""
+    return {n: m for n, m in transformer.named_modules() if is_adapted(m)}
 
 
 def lora_parameters(transformer: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The trainable LoRA parameters by name (what checkpoints hold)."""
+    """The trainable adapter parameters by name (what checkpoints hold): every type's tensors, DoRA's magnitude
+    included, are the only parameters left trainable after the base model is frozen."""
     return {n: p for n, p in transformer.named_parameters() if p.requires_grad}
 

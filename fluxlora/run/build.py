@@ -106,15 +106,31 @@ def checkpoint_layout(cfg: DictConfig, out: Path) -> tuple[Path, Optional[Checkp
     return folder, get_class(str(node._target_))
 
 
-def run_record(cfg: DictConfig, run: RunSettings, name: str, resolution: Any, images: int, steps: int) -> dict:
+def run_record(cfg: DictConfig, run: RunSettings, name: str, resolution: Any, images: int, steps: int,
+               precision: str) -> dict:
     """What this run was, built once: the LoRA file's `ss_*` header and the model card's settings table both show
-    it (the card adds nothing of its own, the header adds the network keys it derives from the LoRA settings)."""
+    it. Names are sd-scripts' where it has the setting (`fluxlora.lora.header` maps the rest), so the header never
+    carries sd-scripts' default for something fluxlora did differently."""
+    flow, memory, optim = run.flow, run.memory, run.optim
+    clip = cfg.trainer.get("gradient_clip_val")
     return {"rank": run.lora.rank, "alpha": run.lora.alpha, "train_blocks": run.lora.train_blocks,
-            "init_from": run.lora.init_from, "optimizer": run.optim.name, "learning_rate": run.optim.lr,
-            "lr_scheduler": run.optim.scheduler, "resolution": resolution, "batch_size": int(cfg.data.batch_size),
-            "timestep_sampling": run.flow.timestep_sampling, "guidance_scale": run.flow.guidance_scale,
-            "base_storage": run.memory.base_storage, "gradient_checkpointing": run.memory.gradient_checkpointing,
-            "seed": int(cfg.seed), "max_train_steps": steps, "num_train_images": images, "output_name": name}
+            "init_from": run.lora.init_from, "optimizer": optim.name, "learning_rate": optim.lr,
+            "lr_scheduler": optim.scheduler, "lr_warmup_steps": optim.warmup_steps, "resolution": resolution,
+            "batch_size": int(cfg.data.batch_size),
+            "gradient_accumulation_steps": int(cfg.trainer.accumulate_grad_batches),
+            "max_grad_norm": float(clip) if clip else 0.0, "mixed_precision": _SS_PRECISION.get(precision, "no"),
+            "timestep_sampling": flow.timestep_sampling, "discrete_flow_shift": flow.discrete_flow_shift,
+            "sigmoid_scale": flow.sigmoid_scale, "logit_mean": flow.logit_mean, "logit_std": flow.logit_std,
+            "guidance_scale": flow.guidance_scale, "loss_type": flow.loss, "huber_c": flow.huber_c,
+            "model_prediction_type": "raw",  # the transformer's output is the velocity as is (flow.py)
+            "cache_latents": True, "base_storage": memory.base_storage, "fp8_base": memory.base_storage == "fp8",
+            "gradient_checkpointing": memory.gradient_checkpointing, "seed": int(cfg.seed),
+            "max_train_steps": steps, "num_train_images": images, "output_name": name}
+
+
+_SS_PRECISION = {"bf16-mixed": "bf16", "bf16-true": "bf16", "bf16": "bf16", "16-mixed": "fp16", "16-true": "fp16",
+                 "16": "fp16"}
+"""Lightning precision -> sd-scripts' --mixed_precision value ("no" for fp32)."""
 
 
 def record_run(callbacks: dict, record: dict) -> None:

@@ -86,6 +86,12 @@ def check_config(cfg: DictConfig) -> RunSettings:
     the run within seconds, in one line naming the key. (The dataset and the callbacks' files are checked next,
     still before loading.) A group left out of the config keeps its defaults."""
     groups = {key: settings(cls, cfg[key], key) for key, cls in _GROUPS.items() if cfg.get(key) is not None}
+    _check_format(cfg, groups.get("lora"))
+    lora, memory = groups.get("lora"), groups.get("memory")
+    if lora is not None and memory is not None and lora.type == "dora" and memory.base_storage == "fp8":
+        # peft's DoRA adds ΔW to the stored base weight to take its norm; float8 does not promote (nf4 dequantizes)
+        raise FluxLoraError("lora.type=dora cannot run over memory.base_storage=fp8 (peft's DoRA needs the base "
+                            "weight's norm); set memory.base_storage=none or nf4, or use lora.type=lora")
     if str(cfg.train.nonfinite) not in NONFINITE:
         raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
     _whole(cfg.train, "max_nonfinite_skips", "train", 0)
@@ -107,6 +113,18 @@ def check_config(cfg: DictConfig) -> RunSettings:
     resolve_dtype(cfg.model.get("dtype"))
     train = TrainSettings(str(cfg.train.nonfinite), int(cfg.train.max_nonfinite_skips))
     return RunSettings(**groups, optim=optim, train=train)
+
+
+def _check_format(cfg: DictConfig, lora: LoraSettings | None) -> None:
+    """A LoRA type the chosen file format cannot hold ends the run now, not at the first save."""
+    from fluxlora.lora.export import check_export_format
+
+    fmt = cfg.get("output", {}).get("format")
+    if lora is not None and fmt is not None:
+        try:
+            check_export_format(str(fmt), lora.type)
+        except ValueError as e:
+            raise FluxLoraError(str(e)) from None
 
 
 def _whole(node: Any, key: str, group: str, minimum: int) -> None:

@@ -131,7 +131,8 @@ def _train(job: Job) -> float | None:
     log.info("dataset: %d images", len(records))
     steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     callbacks = {"stage_clock": clock, **build_callbacks(cfg, prebuilt={"watchdog": job.watchdog})}  # clock first
-    record_run(callbacks, run_record(cfg, job.settings, job.name, dm.resolution, len(records), steps))
+    precision, _ = precision_for(cfg, job.device)
+    record_run(callbacks, run_record(cfg, job.settings, job.name, dm.resolution, len(records), steps, precision))
 
     comps = _load_and_cache(job, dm, callbacks.get("sampler") if job.owner else None, clock)
     if callbacks.get("lora_saver") is not None:
