@@ -88,7 +88,7 @@ class LossSummary(L.Callback):
 
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         steps = self._steps if len(self._steps) == len(losses) else list(range(1, len(losses) + 1))
-        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="loss")
+        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="training loss")
         k = max(1, len(losses) // 20)
         if k > 1:
             smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]

@@ -135,6 +135,9 @@ def _train(job: Job) -> float | None:
     steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     callbacks = {"stage_clock": clock, **build_callbacks(cfg, prebuilt={"watchdog": job.watchdog})}  # clock first
     connect_callbacks(callbacks)
+    if val.enabled and callbacks.get("validation") is None:
+        log.warning("validation.%s is set but callbacks.validation is off: the validation images are held out of "
+                    "training and never scored", "split" if val.split else "path")
     record_run(callbacks, run_record(cfg, job.settings, job.name, dm.resolution, len(records), steps))
 
     comps = _load_and_cache(job, dm, callbacks.get("sampler") if job.owner else None, clock)

@@ -94,7 +94,7 @@ def evaluating(module: torch.nn.Module, trainer: Any = None) -> Iterator[None]:
     device); each module's train/eval mode, the autocast state and the RNG states are as before afterwards, also
     after an error."""
     modes = [(m, m.training) for m in module.modules()]
-    device = next(module.parameters()).device
+    device = getattr(module, "device", None) or next(module.parameters()).device  # swapped blocks may sit on the host
     autocast = trainer.precision_plugin.val_step_context() if trainer is not None else contextlib.nullcontext()
     transformer = getattr(module, "transformer", module)
     try:

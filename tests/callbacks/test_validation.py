@@ -174,3 +174,19 @@ def test_validation_data_mistakes_end_before_the_model_loads(make_cfg, monkeypat
     with pytest.raises(FluxLoraError) as e:
         run(make_cfg(override.format(missing=missing)))
     assert expect.format(missing=missing) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ranks_share_the_validation_batches_each_image_once(tmp_path):
+    from fluxlora.data import FluxDataModule
+    from fluxlora.data.cache import CacheEntry
+    from fluxlora.data.settings import DataSettings
+
+    dm = FluxDataModule({}, cache_dir=tmp_path)
+    dm.settings = DataSettings(subsets=(), batch_size=2)
+    buckets = [(64, 64), (64, 128), (64, 64), (64, 64), (64, 128)]
+    dm.val_entries = [CacheEntry(tmp_path / f"{i}.npz", tmp_path / f"{i}.png", b) for i, b in enumerate(buckets)]
+    alone = dm.validation_plan(rank=0, world_size=1)
+    assert alone == [[0, 2], [3], [1, 4]]  # one bucket per batch, in a fixed order
+    shares = [dm.validation_plan(rank=r, world_size=2) for r in range(2)]
+    assert sorted(i for share in shares for batch in share for i in batch) == list(range(5))
+    assert dm.validation_plan(batch_size=5, rank=0, world_size=1) == [[0, 2, 3], [1, 4]]
