@@ -1,10 +1,11 @@
-r"""Keeps the per-step loss, prints whether it fell, and draws the loss curve at the end."""
+r"""Keeps the per-step loss, prints whether it fell, and draws the loss curve (with the validation loss) at the end."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -20,7 +21,8 @@ class LossSummary(L.Callback):
     """Record each step's loss and write `loss_curve.png` when training ends.
 
     Losses are kept as detached tensors and read once at the end, so no step waits on the device.
-    The summary compares the mean of the first and last `window` steps.
+    The summary compares the mean of the first and last `window` steps. Curves added with `add_curve` (the
+    validation loss) are drawn beside it, by optimizer step, and their lowest point is named in the summary line.
 
     Args:
         output_dir: where `loss_curve.png` goes.
@@ -38,6 +40,8 @@ class LossSummary(L.Callback):
         self._dir = Path(output_dir)
         self._window = window
         self._losses: list[torch.Tensor] = []
+        self._steps: list[int] = []  # the optimizer step each loss led to (x of the curve)
+        self._curves: dict[str, Callable[[], list[tuple[int, float]]]] = {}
         self.first_mean: float | None = None
         self.last_mean: float | None = None
 
@@ -47,6 +51,11 @@ class LossSummary(L.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach())
+            self._steps.append(trainer.global_step)
+
+    def add_curve(self, label: str, points: Callable[[], list[tuple[int, float]]]) -> None:
+        """Draw `points()` ((step, value) pairs, read when training ends) as `label` beside the training loss."""
+        self._curves[label] = points
 
     def values(self) -> list[float]:
         return torch.stack(self._losses).float().cpu().tolist() if self._losses else []
@@ -61,22 +70,32 @@ class LossSummary(L.Callback):
         self.last_mean = sum(losses[-n:]) / n
         msg = (f"loss: mean of first {n} steps {self.first_mean:.4f} -> last {n} steps {self.last_mean:.4f} "
                f"({'falling' if self.last_mean < self.first_mean else 'not falling'})")
+        curves = {label: points() for label, points in self._curves.items()}
+        for label, points in curves.items():
+            finite = [(v, s) for s, v in points if math.isfinite(v)]
+            if finite:
+                best, step = min(finite)
+                msg += f"; {label} loss best {best:.4f} at step {step} (last {points[-1][1]:.4f})"
         log.info(msg)
         print(msg, flush=True)
-        self._plot(losses)
+        self._plot(losses, curves)
 
-    def _plot(self, losses: list[float]) -> None:
+    def _plot(self, losses: list[float], curves: dict[str, list[tuple[int, float]]] | None = None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.6, label="loss")
+        steps = self._steps if len(self._steps) == len(losses) else list(range(1, len(losses) + 1))
+        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="training loss")
         k = max(1, len(losses) // 20)
         if k > 1:
             smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-            ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {k}")
+            ax.plot(steps, smooth, lw=1.5, label=f"mean of {k}")
+        for label, points in (curves or {}).items():
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], "o-", ms=3, lw=1.2, label=f"{label} loss")
         ax.set_xlabel("step")
         ax.set_ylabel("flow-matching loss")
         ax.legend()

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import warnings
@@ -20,11 +21,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import default_collate
 from typing_extensions import override
 
-from fluxlora.data.buckets import BucketBatchSampler
+from fluxlora.data.buckets import BucketBatchSampler, SampleKey
 from fluxlora.data.cache import CacheEntry, CacheItem, LatentCache
 from fluxlora.data.captions import caption_variants
+from fluxlora.data.holdout import hold_out
 from fluxlora.data.images import ImageRecord, scan_subset
 from fluxlora.data.loader import CachedDataset, StageNamedDataLoader, seed_worker
 from fluxlora.data.settings import DataSettings, data_settings
@@ -62,10 +65,16 @@ class FluxDataModule(L.LightningDataModule):
         seed: shuffling seed.
         rank: this process's rank (caching work and batches are split by rank).
         world_size: number of processes.
+        val_split: images of the dataset held out for the validation loss, never trained on: a count, or a
+            fraction of the images (`validation.split`; 0 = none).
+        val_path: a folder (or dataset.toml) of validation images instead (`validation.path`), read with the
+            `data` keys (captions) and sized with the training buckets.
+        val_seed: seeds which images `val_split` holds out (`validation.seed`).
     """
 
     def __init__(self, cfg: Any, cache_dir: str | Path, synthetic_dir: str | Path | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, val_split: int | float = 0, val_path: str | None = None,
+                 val_seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.cache_dir = Path(cache_dir)
@@ -79,6 +88,11 @@ class FluxDataModule(L.LightningDataModule):
         self.sampler: BucketBatchSampler | None = None
         self._empty_caption_file: Path | None = None
         self._resume: dict | None = None
+        self.val_split, self.val_path, self.val_seed = val_split, val_path, int(val_seed)
+        self.val_records: list[ImageRecord] = []
+        """Validation images (held out of the dataset, or from `val_path`): cached like the training images."""
+        self.val_items: list[CacheItem] = []
+        self.val_entries: list[CacheEntry] = []
 
     @override
     def setup(self, stage: str) -> None:
@@ -116,9 +130,52 @@ class FluxDataModule(L.LightningDataModule):
                 records.append(rec)
                 items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, settings.caption_variants)))
         cache_batch_size(cfg.get("cache_batch_size", "auto"))  # a bad value fails before any model loads
-        self.settings, self.records, self.items = settings, records, items
+        self.settings = settings
+        self.records, self.items, self.val_records, self.val_items = self._split_validation(records, items)
         self._log_dataset()
-        return records
+        return self.records
+
+    def _split_validation(self, records: list[ImageRecord], items: list[CacheItem]) -> tuple[list, list, list, list]:
+        """(training records, items, validation records, items): the held-out ones, or those of `val_path`."""
+        total = len(records)
+        held = set(hold_out(records, self.val_split, self.val_seed)) if self.val_split else set()
+        val_records, val_items = [records[i] for i in sorted(held)], [items[i] for i in sorted(held)]
+        records = [r for i, r in enumerate(records) if i not in held]
+        items = [it for i, it in enumerate(items) if i not in held]
+        if held:
+            log.info("validation: %d of the %d images held out (validation.split=%s, seed %d), never trained on: %s",
+                     len(held), total, self.val_split, self.val_seed, _names(val_records))
+        if self.val_path not in (None, ""):
+            val_records, val_items = self._scan_validation_path(records)
+            log.info("validation: %d images from %s (validation.path)", len(val_records), self.val_path)
+        return records, items, val_records, val_items
+
+    def _scan_validation_path(self, train: list[ImageRecord]) -> tuple[list[ImageRecord], list[CacheItem]]:
+        """The images of `val_path`, captioned by the `data` keys and sized by the training buckets."""
+        node = _Overridden(self.cfg, path=str(self.val_path), subsets=[])
+        try:
+            vs = data_settings(node)
+        except FluxLoraError as e:
+            raise FluxLoraError(f"validation.path: {e}") from None
+        buckets, records, items = self.settings.buckets, [], []
+        for index, subset in enumerate(vs.subsets):
+            try:
+                found = scan_subset(subset, index)[0]
+            except FluxLoraError as e:
+                raise FluxLoraError(f"validation.path: {e}") from None
+            for rec in found:
+                try:
+                    bucket = buckets.bucket_for(rec.width, rec.height)
+                except FluxLoraError as e:
+                    raise FluxLoraError(f"validation image {rec.path}: {e}") from None
+                records.append(rec)
+                items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, vs.caption_variants)))
+        trained = {r.path.resolve() for r in train}
+        both = [r for r in records if r.path.resolve() in trained]
+        if both:
+            raise FluxLoraError(f"validation.path={self.val_path}: {len(both)} of its images are also training images "
+                                f"({_names(both)}); give a folder of its own, or use validation.split")
+        return records, items
 
     def _log_dataset(self) -> None:
         s = self.settings
@@ -158,14 +215,36 @@ class FluxDataModule(L.LightningDataModule):
         cfg = self.cfg
         cache = LatentCache(self.cache_dir, encoder_id, dtype=str(cfg.get("cache_dtype", "float32")),
                             check=str(cfg.get("cache_check", "full")), read_timeout=self.read_timeout)
-        self.entries = cache.build(self.items, encode, batch_size=cache_batch_size(cfg.cache_batch_size),
+        # the validation images share the cache (same content keys: one moved between the sets is not re-encoded)
+        entries = cache.build(self.items + self.val_items, encode, batch_size=cache_batch_size(cfg.cache_batch_size),
                                    progress=progress,
                                    rank=self.rank if rank is None else rank,
                                    world_size=self.world_size if world_size is None else world_size,
                                    empty_caption=self._needs_empty_caption(),
                                    wait_timeout=float(cfg.get("cache_wait_timeout", 600)))
+        self.entries, self.val_entries = entries[:len(self.items)], entries[len(self.items):]
         self._empty_caption_file = cache.empty_caption_file
         return self.entries
+
+    def validation_plan(self, batch_size: int | None = None, rank: int | None = None,
+                        world_size: int | None = None) -> list[list[int]]:
+        """This rank's validation batches, as indices into `val_entries`: every image once, batches within one
+        bucket, in a fixed order; rank R of N takes every N-th batch (`validation_batch` reads one)."""
+        size = int(batch_size or self.settings.batch_size)
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        order = sorted(range(len(self.val_entries)), key=lambda i: (self.val_entries[i].bucket, i))
+        batches: list[list[int]] = []
+        for _, group in itertools.groupby(order, key=lambda i: self.val_entries[i].bucket):
+            group = list(group)
+            batches += [group[j:j + size] for j in range(0, len(group), size)]
+        return batches[rank::world_size]
+
+    def validation_batch(self, indices: list[int]) -> dict[str, Any]:
+        """One validation batch, read from the cache (time-limited like training reads): each image with its own
+        caption (variant 0, never dropped)."""
+        dataset = CachedDataset(self.val_entries, self.read_timeout, self._empty_caption_file)
+        return default_collate([dataset[SampleKey(i, 0, False)] for i in indices])
 
     @property
     def read_timeout(self) -> float:
@@ -269,3 +348,18 @@ class FluxDataModule(L.LightningDataModule):
         self.sampler.resume_at(epoch, done)
         self._resume = None
         log.info("data resumes at epoch %d, batch %d of %d", epoch, done, len(self.sampler))
+
+
+def _names(records: list[ImageRecord], most: int = 5) -> str:
+    names = [r.path.name for r in records[:most]]
+    return ", ".join(names) + (f", ... ({len(records) - most} more)" if len(records) > most else "")
+
+
+class _Overridden:
+    """A config node read through `.get` with some keys replaced (the validation folder's `data` node)."""
+
+    def __init__(self, node: Any, **values: Any) -> None:
+        self._node, self._values = node, values
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values[key] if key in self._values else self._node.get(key, default)

@@ -294,3 +294,18 @@ def agree_max(trainer: Any, values: list[float]) -> list[float]:
                      device=trainer.strategy.root_device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def agree_sum(trainer: Any, values: list[float]) -> list[float]:
+    """The element-wise sum of `values` over all ranks (one all-reduce; `values` itself with one process).
+
+    How ranks add up the parts of one result each computed for its own share (the validation loss).
+    """
+    import torch.distributed as dist
+
+    if trainer is None or trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64 if trainer.strategy.root_device.type == "cpu" else torch.float32,
+                     device=trainer.strategy.root_device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

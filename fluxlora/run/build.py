@@ -133,6 +133,18 @@ _SS_PRECISION = {"bf16-mixed": "bf16", "bf16-true": "bf16", "bf16": "bf16", "16-
 """Lightning precision -> sd-scripts' --mixed_precision value ("no" for fp32)."""
 
 
+def connect_callbacks(callbacks: dict) -> None:
+    """Hand callbacks what they use of each other (by config name): the validation curve to the loss summary, which
+    draws it beside the training loss, and the LoRA saver to the validation, which writes the best LoRA with it."""
+    validation = callbacks.get("validation")
+    if validation is None:
+        return
+    if callbacks.get("loss_summary") is not None:
+        callbacks["loss_summary"].add_curve("validation", validation.points)
+    if callbacks.get("lora_saver") is not None:
+        validation.use_saver(callbacks["lora_saver"])
+
+
 def record_run(callbacks: dict, record: dict) -> None:
     """Hand the run record to the callbacks that write it (by config name): the LoRA saver's header, the card."""
     if callbacks.get("lora_saver") is not None:

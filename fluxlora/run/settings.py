@@ -19,6 +19,7 @@ from fluxlora.models.components import resolve_dtype
 from fluxlora.training.module import NONFINITE
 from fluxlora.training.optim import OptimSettings, check_optim
 from fluxlora.perf.speed import SpeedSettings
+from fluxlora.training.validation import ValidationSettings
 
 
 def settings(cls, node: Any, group: str | None = None):
@@ -75,10 +76,11 @@ class RunSettings:
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
 
 
 _GROUPS = {"lora": LoraSettings, "flow": FlowConfig, "memory": MemorySettings, "speed": SpeedSettings,
-           "distributed": DistributedSettings}
+           "distributed": DistributedSettings, "validation": ValidationSettings}
 
 
 def check_config(cfg: DictConfig) -> RunSettings:
@@ -102,6 +104,9 @@ def check_config(cfg: DictConfig) -> RunSettings:
     _whole(cfg, "seed", "", -(2**63))
     _whole(cfg.model, "t5_max_length", "model", 1)
     _check_data(cfg.data)
+    validation = groups.get("validation")
+    if validation is not None and validation.keep_best and (cfg.get("callbacks") or {}).get("lora_saver") is None:
+        raise FluxLoraError("validation.keep_best=true needs callbacks.lora_saver, which writes the LoRA file")
     precision = cfg.trainer.get("precision")
     if precision is not None and precision not in _precisions():
         raise FluxLoraError(f"trainer.precision={precision!r} is not one of {sorted(set(map(str, _precisions())))} "

@@ -24,8 +24,9 @@ from fluxlora.heartbeat import heartbeat, last_stage
 from fluxlora.models import load_components
 from fluxlora.models.encode import StagedEncoders
 from fluxlora.perf.cuda_setup import memory_limit, memory_use, prepare_cuda
-from fluxlora.run.build import (build_callbacks, build_module, checkpoint_layout, device_for, make_trainer,
-                                precision_for, record_run, run_record, start_watchdog, total_optimizer_steps)
+from fluxlora.run.build import (build_callbacks, build_module, checkpoint_layout, connect_callbacks, device_for,
+                                make_trainer, precision_for, record_run, run_record, start_watchdog,
+                                total_optimizer_steps)
 from fluxlora.run.hydra_job import job_name
 from fluxlora.run.ranks import end_process_group, rank_failure, start_ranks, tag_logs
 from fluxlora.run.resume import ResumePlan, finished_run, report_complete, resume_plan
@@ -125,12 +126,18 @@ def _train(job: Job) -> float | None:
 
     # the dataset and the callbacks' files (sample prompts) are checked before any model file is opened
     heartbeat("scan_dataset")
+    val = job.settings.validation
     dm = FluxDataModule(cfg.data, cache_dir=str(cfg.data.cache_dir), synthetic_dir=job.out / "synthetic",
-                        seed=int(cfg.seed), rank=info.rank, world_size=info.world_size)  # each rank its share
+                        seed=int(cfg.seed), rank=info.rank, world_size=info.world_size,  # each rank its share
+                        val_split=val.split, val_path=val.path, val_seed=val.seed)
     records = dm.scan()
     log.info("dataset: %d images", len(records))
     steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     callbacks = {"stage_clock": clock, **build_callbacks(cfg, prebuilt={"watchdog": job.watchdog})}  # clock first
+    connect_callbacks(callbacks)
+    if val.enabled and callbacks.get("validation") is None:
+        log.warning("validation.%s is set but callbacks.validation is off: the validation images are held out of "
+                    "training and never scored", "split" if val.split else "path")
     precision, _ = precision_for(cfg, job.device)
     record_run(callbacks, run_record(cfg, job.settings, job.name, dm.resolution, len(records), steps, precision))
 

@@ -69,13 +69,21 @@ class FluxLoRAModule(L.LightningModule):
         log.info("LoRA r=%d alpha=%g on %d layers (%s blocks): %.2fM trainable parameters",
                  lora.rank, lora.alpha, len(self.adapted), lora.train_blocks, n / 1e6)
 
-    def flow_loss(self, batch: dict) -> torch.Tensor:
-        """The flow-matching loss of one batch of cached tensors."""
+    def flow_loss(self, batch: dict, noise: torch.Tensor | None = None,
+                  sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow-matching loss of one batch of cached tensors.
+
+        Training draws `noise` (packed, like the latents) and `sigma` (one per sample) from the global RNG; the
+        validation loss passes fixed ones (`fluxlora.training.validation`) and draws nothing.
+        """
         latents = batch["latents"].to(self.device, torch.float32)
         b, _, h, w = latents.shape
         x0 = fm.pack_latents(latents)
-        noise = torch.randn_like(x0)
-        sigma = fm.sample_sigmas(self.flow, b, x0.shape[1], device=self.device)
+        noise = torch.randn_like(x0) if noise is None else noise.to(x0)
+        if sigma is None:
+            sigma = fm.sample_sigmas(self.flow, b, x0.shape[1], device=self.device)
+        else:
+            sigma = sigma.to(self.device)
         xt = fm.noise_latents(x0, noise, sigma).to(self.compute_dtype)
         t5 = batch["t5"].to(self.device, self.compute_dtype)
         guidance = torch.full((b,), self.flow.guidance_scale, device=self.device) if self.has_guidance else None
