@@ -84,16 +84,18 @@ _NOT_SS = ("name", "guidance", "rank", "alpha", "train_blocks")  # the modelspec
 def training_metadata(settings: LoraSettings, info: dict) -> dict[str, str]:
     """`ss_*` keys as sd-scripts writes them, plus modelspec; every value a string (safetensors header)."""
     arch = "flux-1-dev/lora" if info.get("guidance", True) else "flux-1-schnell/lora"
+    chroma = info.get("model_type") == "chroma"  # sd-scripts' --model_type=chroma header values
     meta = {
         "ss_network_module": "networks.lora_flux",
         "ss_network_dim": str(settings.rank),
         "ss_network_alpha": str(settings.alpha),
         "ss_network_dropout": str(settings.dropout),
         "ss_network_args": json.dumps({"train_blocks": settings.train_blocks}),
-        "ss_base_model_version": "flux1",
+        "ss_base_model_version": "chroma" if chroma else "flux1",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch,
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.architecture": "chroma/lora" if chroma else arch,
+        "modelspec.implementation": ("https://huggingface.co/lodestones/Chroma" if chroma
+                                     else "https://github.com/black-forest-labs/flux"),
         "modelspec.title": str(info.get("name", "fluxlora")),
     }
     for k, v in info.items():
