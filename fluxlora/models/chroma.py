@@ -312,7 +312,7 @@ def build_tiny(seed: int = 0, t5_max_length: int = 32) -> dict:
     return parts
 
 
-def _files(model_cfg: Any) -> dict[str, Path]:
+def _files(model_cfg: Any, parts: tuple[str, ...] = ("transformer", "vae", "t5xxl")) -> dict[str, Path]:
     """transformer, vae, t5xxl of a Chroma model: per-part paths, else found in `model.path` (a diffusers Chroma
     folder: transformer/ vae/ text_encoder/ (T5) tokenizer/; or single files: chroma*.safetensors in the folder or
     its unet/ diffusion_models/, ae.safetensors, t5xxl_*.safetensors as for Flux)."""
@@ -331,6 +331,8 @@ def _files(model_cfg: Any) -> dict[str, Path]:
     root = Path(os.path.expanduser(str(raw))) if raw not in (None, "") else None
     found, misses = {}, []
     for part, how in search.items():
+        if part not in parts:
+            continue
         explicit = model_cfg.get(part)
         if explicit:
             path = Path(os.path.expanduser(str(explicit)))
@@ -349,6 +351,16 @@ def _files(model_cfg: Any) -> dict[str, Path]:
         raise FluxLoraError("Chroma model files missing" + (f" under {root}" if root else "") + ": " + "; ".join(misses))
     found["root"] = root
     return found
+
+
+def chroma_hint(model_cfg: Any) -> str | None:
+    """"<file> is a Chroma transformer: use model=chroma" where a Flux preset was pointed at a Chroma model (whose
+    missing CLIP-L would otherwise be the only complaint); None when no Chroma transformer is found."""
+    try:
+        path = _files(model_cfg, parts=("transformer",))["transformer"]
+        return f"{path} is a Chroma transformer: use model=chroma" if detect(path) == ARCH else None
+    except (FluxLoraError, OSError, ValueError):
+        return None
 
 
 def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bool = False,

@@ -192,8 +192,13 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
     from fluxlora.models.vae import load_vae
 
     t0 = time.monotonic()
-    files = resolve_files(model_cfg)
-    from fluxlora.models.chroma import detect
+    from fluxlora.models.chroma import chroma_hint, detect
+
+    try:
+        files = resolve_files(model_cfg)
+    except FluxLoraError as e:
+        hint = chroma_hint(model_cfg)  # a Chroma folder has no CLIP-L: say which preset it needs
+        raise FluxLoraError(f"{e}; {hint}" if hint else str(e)) from None
 
     if detect(files.transformer) == "chroma":
         raise FluxLoraError(f"{files.transformer} is a Chroma transformer (distilled_guidance_layer, no CLIP): "
