@@ -251,3 +251,5 @@ def test_tiny_chroma_demo_trains_samples_and_writes_its_lora(make_cfg):
         keys, meta = list(f.keys()), f.metadata()
     assert keys and not any("mod_lin" in k or "modulation" in k for k in keys)
     assert meta["ss_model_type"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
+    card = (out / "README.md").read_text()
+    assert "A LoRA for Chroma" in card and "ChromaPipeline" in card
