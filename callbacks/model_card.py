@@ -15,7 +15,8 @@ from fluxlora.heartbeat import in_stage
 
 log = logging.getLogger(__name__)
 
-_HUB_IDS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
+_HUB_IDS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
+            "chroma": "lodestones/Chroma1-HD"}
 
 
 class ModelCard(L.Callback):
@@ -60,12 +61,13 @@ class ModelCard(L.Callback):
         """The card's Markdown for a FLUX.1-`variant` base model after `steps` optimizer steps."""
         base_id = _HUB_IDS.get(variant, _HUB_IDS["dev"])
         where = f" (`{self._base}`)" if self._base else " (the embedded tiny random-weight model)"
-        base = f"FLUX.1-{variant}{where}"
+        family = "Chroma" if variant == "chroma" else f"FLUX.1-{variant}"
+        base = f"{family}{where}"
         lora = f"{self._name}.safetensors"
         lines = ["---"] + ([f"base_model: {base_id}"] if self._base else []) + [
             "library_name: diffusers", "tags: [flux, lora, fluxlora, text-to-image]"]
         lines += [f"instance_prompt: {self._trigger}"] if self._trigger else []
-        lines += ["---", "", f"# {self._name}", "", f"A LoRA for FLUX.1-{variant}, trained with fluxlora.", "",
+        lines += ["---", "", f"# {self._name}", "", f"A LoRA for {family}, trained with fluxlora.", "",
                   f"- **Base model**: {base}",
                   f"- **Trigger word**: `{self._trigger}`" if self._trigger else "- **Trigger word**: none",
                   f"- **File**: [`{lora}`]({lora}) ({self._describe_format()})",
@@ -75,13 +77,15 @@ class ModelCard(L.Callback):
             lines += ["## Samples", "", f"![samples at the end of training]({grid.as_posix()})", ""]
         lines += ["## Settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in self._settings.items()]
+        pipeline = "ChromaPipeline" if variant == "chroma" else "FluxPipeline"
+        steps_g = {"dev": (28, 3.5), "chroma": (35, 5.0)}.get(variant, (4, 0.0))
         lines += ["", "## How to load", "", "diffusers:", "", "```python", "import torch",
-                  "from diffusers import FluxPipeline", "",
-                  f'pipe = FluxPipeline.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")',
+                  f"from diffusers import {pipeline}", "",
+                  f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")',
                   '# (or from_pretrained("<your local diffusers folder>", ...))',
                   f'pipe.load_lora_weights(".", weight_name="{lora}")',
                   f'image = pipe("{self._trigger or "a photo"}", num_inference_steps='
-                  f'{28 if variant == "dev" else 4}, guidance_scale={3.5 if variant == "dev" else 0.0}).images[0]',
+                  f'{steps_g[0]}, guidance_scale={steps_g[1]}).images[0]',
                   "```", "", f"ComfyUI / Forge: copy `{lora}` into `models/loras/` and load it with a LoRA loader "
                   "(model only).", ""]
         return "\n".join(lines)
@@ -101,6 +105,8 @@ class ModelCard(L.Callback):
         if not trainer.is_global_zero:
             return
         variant = "dev" if getattr(pl_module, "has_guidance", True) else "schnell"
+        if getattr(pl_module, "arch", "flux") == "chroma":
+            variant = "chroma"
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / "README.md"
         with in_stage("model_card"):

@@ -187,6 +187,11 @@ class TimedSampler(L.Callback):
         """The prompts this sampler will render ([] when it never samples): caching encodes them with the captions."""
         return [p.prompt for p in self._prompts] if self.enabled else []
 
+    @property
+    def negative_texts(self) -> list[str]:
+        """Each prompt's negative (`--n`, "" when none; [] when it never samples): Chroma's CFG renders them."""
+        return [p.negative for p in self._prompts] if self.enabled else []
+
     def prepare(self, components: Any, encoders: Any) -> None:
         """Encode the prompts now, before training, with `encoders.texts` (`fluxlora.models.encode.StagedEncoders`: a
         CLIP-L stage then a T5 stage); rounds render from these encodings."""

@@ -50,6 +50,7 @@ NETWORK_MODULE = "networks.lora_flux"
 
 SAI_MODEL_SPEC = "1.0.1"
 IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # sai_model_spec.IMPL_FLUX
+CHROMA_IMPLEMENTATION = "https://huggingface.co/lodestones/Chroma"  # sai_model_spec.IMPL_CHROMA
 
 _SESSION_ID = random.randint(0, 2**32)  # sd-scripts: one random id per training process
 _STARTED_AT = time.time()
@@ -165,12 +166,15 @@ def training_metadata(settings: LoraSettings, info: dict, network_module: Option
     }
     values.update({f"ss_{k}": v for k, v in derived.items()})
     values.update({f"ss_{k}": v for k, v in record.items()})
+    chroma = record.get("model_type") == "chroma"  # sd-scripts' --model_type=chroma header values
+    if chroma:
+        values["ss_base_model_version"] = "chroma"
     meta = {k: (json.dumps(v) if k in _JSON_KEYS else format_value(v)) for k, v in values.items()}
-    arch = "flux-1-dev" if info.get("guidance", True) else "flux-1-schnell"
+    arch = "chroma" if chroma else "flux-1-dev" if info.get("guidance", True) else "flux-1-schnell"
     meta.update({
         "modelspec.sai_model_spec": SAI_MODEL_SPEC,
         "modelspec.architecture": f"{arch}/lora",
-        "modelspec.implementation": IMPLEMENTATION,
+        "modelspec.implementation": CHROMA_IMPLEMENTATION if chroma else IMPLEMENTATION,
         "modelspec.title": name,
         "modelspec.resolution": modelspec_resolution(info.get("resolution")),
         "modelspec.date": datetime.datetime.fromtimestamp(int(now)).isoformat(),

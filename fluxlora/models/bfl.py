@@ -203,6 +203,8 @@ def inspect_bfl(header: CheckpointHeader) -> BflLayout:
     if any(r not in shapes for r in REQUIRED):
         raise FluxLoraError(f"{header.path} is not a Flux.1 transformer in BFL layout (no {REQUIRED[2]}); "
                             f"it looks like {describe_keys(header.shapes)}")
+    if "distilled_guidance_layer.in_proj.weight" in shapes:
+        raise FluxLoraError(f"{header.path} is a Chroma transformer, not FLUX.1: use model=chroma")
     unknown = [k for k in shapes if not _known(k)]
     if unknown:
         raise FluxLoraError(f"{header.path} holds tensors a Flux.1 transformer does not have (e.g. {unknown[:3]}); "

@@ -50,12 +50,14 @@ class FluxComponents:
     encoding."""
     t5_storage: str = "full"
     """How T5 is (or will be) kept: `fp8` block Linears or `full` (the compute dtype); see `resolve_t5_storage`."""
+    arch: str = "flux"
+    """`flux` (FLUX.1 dev/schnell) or `chroma` (`fluxlora.models.chroma`: T5 only, no CLIP-L, T5 mask applied)."""
 
     @property
     def has_guidance(self) -> bool:
         """Flux-dev embeds a guidance scale; Flux-schnell does not."""
         if self.transformer is not None:
-            return bool(self.transformer.config.guidance_embeds)
+            return bool(getattr(self.transformer.config, "guidance_embeds", False))
         return bool(self.guidance)
 
     def load_transformer(self, device: Any = "cpu") -> Any:
@@ -85,6 +87,8 @@ class FluxComponents:
         ident = {"encoders": parts, "t5": int(t5_max_length)}
         if self.t5_storage == "fp8":  # fp8-stored T5 gives other outputs than a 16-bit file run in 16 bits
             ident["t5_storage"] = "fp8"
+        if self.arch != "flux":  # Chroma: T5 runs with the attention mask, no CLIP pooled embedding
+            ident["arch"] = self.arch
         return json.dumps(ident, sort_keys=True)
 
     def pipeline_parts(self) -> dict:
@@ -161,6 +165,12 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
         device_limit: bytes the training device's allocator may hold (`fluxlora.perf.cuda_setup.memory_limit`).
         defer_encoders: leave CLIP-L and T5 to `FluxComponents.encoder(part)` (caching reads each in its stage).
     """
+    if model_cfg.get("arch", "flux") == "chroma":
+        from fluxlora.models import chroma
+
+        return chroma.load_components(model_cfg, storage, defer_transformer, t5_storage, device_limit, defer_encoders)
+    if model_cfg.get("arch", "flux") != "flux":
+        raise FluxLoraError(f"model.arch={model_cfg.get('arch')!r} is not one of flux, chroma")
     source = model_cfg.source
     if source == "tiny":
         from fluxlora.models import tiny
@@ -182,7 +192,17 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
     from fluxlora.models.vae import load_vae
 
     t0 = time.monotonic()
-    files = resolve_files(model_cfg)
+    from fluxlora.models.chroma import chroma_hint, detect
+
+    try:
+        files = resolve_files(model_cfg)
+    except FluxLoraError as e:
+        hint = chroma_hint(model_cfg)  # a Chroma folder has no CLIP-L: say which preset it needs
+        raise FluxLoraError(f"{e}; {hint}" if hint else str(e)) from None
+
+    if detect(files.transformer) == "chroma":
+        raise FluxLoraError(f"{files.transformer} is a Chroma transformer (distilled_guidance_layer, no CLIP): "
+                            "use model=chroma")
     dtype = resolve_dtype(model_cfg.get("dtype"))
     guidance = bool(inspect_transformer(files.transformer).get("guidance_embeds"))
     variant = "dev" if guidance else "schnell"

@@ -56,15 +56,29 @@ def clip_pooled(c: FluxComponents, prompts: list[str], device: torch.device) -> 
 @torch.no_grad()
 def t5_sequence(c: FluxComponents, prompts: list[str], device: torch.device,
                 max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5's sequence for each prompt, and its attention mask (1 for tokens, 0 for padding)."""
+    """T5's sequence for each prompt, and its attention mask (1 for tokens, 0 for padding). Chroma runs T5 with the
+    mask (as its pipeline and sd-scripts' --apply_t5_attn_mask do); FLUX.1 without it, as it was trained."""
     tok = c.tokenizer_2(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return c.encoder("text_encoder_2")(tok.input_ids.to(device), output_hidden_states=False)[0], tok.attention_mask
+    masked = getattr(c, "arch", "flux") == "chroma"
+    kw = {"attention_mask": tok.attention_mask.to(device)} if masked else {}
+    return c.encoder("text_encoder_2")(tok.input_ids.to(device), output_hidden_states=False, **kw)[0], tok.attention_mask
+
+
+def uses_clip(c: FluxComponents) -> bool:
+    """FLUX.1 conditions on CLIP-L's pooled embedding; Chroma has no CLIP (its `pooled` is an empty (B, 0))."""
+    return getattr(c, "arch", "flux") != "chroma"
+
+
+def no_pooled(n: int) -> torch.Tensor:
+    """The `pooled` of `n` captions for a model without CLIP: (n, 0), so cache files keep their one layout."""
+    return torch.zeros(n, 0)
 
 
 def encode_prompts(c: FluxComponents, prompts: list[str], device: torch.device, max_length: int) -> dict:
     """CLIP pooled embedding and T5 sequence for each prompt, with both encoders where they already are."""
     t5, mask = t5_sequence(c, prompts, device, max_length)
-    return {"t5": t5, "pooled": clip_pooled(c, prompts, device), "t5_mask": mask}
+    pooled = clip_pooled(c, prompts, device) if uses_clip(c) else no_pooled(len(prompts))
+    return {"t5": t5, "pooled": pooled, "t5_mask": mask}
 
 
 @torch.no_grad()
@@ -178,10 +192,13 @@ class StagedEncoders:
         return {k: torch.stack([rows[c][k] for c in captions]) for k in ("pooled", "t5", "t5_mask")}
 
     def _encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        with self.stage("clip"):
-            size = self.batch_size("clip")
-            pooled = [clip_pooled(self.c, captions[s:s + size], self.device).cpu()
-                      for s in self._beats(range(0, len(captions), size), "CLIP-L", len(captions))]
+        if not uses_clip(self.c):  # Chroma: no CLIP stage at all
+            pooled = [no_pooled(len(captions))]
+        else:
+            with self.stage("clip"):
+                size = self.batch_size("clip")
+                pooled = [clip_pooled(self.c, captions[s:s + size], self.device).cpu()
+                          for s in self._beats(range(0, len(captions), size), "CLIP-L", len(captions))]
         with self.stage("t5"):
             size = self.batch_size("t5")
             outs = [self._t5_on_host(captions[s:s + size])

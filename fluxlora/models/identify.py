@@ -13,6 +13,7 @@ _SIGNS = (
     ("input_blocks.", "a Stable Diffusion (SD1/SD2/SDXL) UNet checkpoint"),
     ("cond_stage_model.", "a Stable Diffusion 1.x/2.x checkpoint"),
     ("double_stream_modulation", "a FLUX.2 transformer (fluxlora trains FLUX.1)"),
+    ("distilled_guidance_layer.", "a Chroma transformer (model=chroma)"),
     ("double_blocks.0.img_attn.qkv", "a Flux.1 transformer in BFL layout"),
     ("transformer_blocks.0.attn.to_q", "a transformer in diffusers layout (point at its folder with config.json)"),
     ("encoder.down.0.block.0", "a VAE in BFL/LDM layout (ae.safetensors)"),

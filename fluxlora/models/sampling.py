@@ -98,10 +98,16 @@ class SampleRenderer:
     def __init__(self, components, prompts: list[SamplePrompt], encode: Callable[[list[str]], dict]) -> None:
         self.c = components
         self.prompts = prompts
+        self.chroma = getattr(components, "arch", "flux") == "chroma"
         if prompts:
             enc = encode([p.prompt for p in prompts])
             for i, p in enumerate(prompts):
-                p.embeds = {"t5": enc["t5"][i:i + 1].cpu(), "pooled": enc["pooled"][i:i + 1].cpu()}
+                p.embeds = {"t5": enc["t5"][i:i + 1].cpu(), "pooled": enc["pooled"][i:i + 1].cpu(),
+                            "t5_mask": enc["t5_mask"][i:i + 1].cpu()}
+            if self.chroma:  # ChromaPipeline runs classifier-free guidance: each prompt's negative ("" by default)
+                neg = encode([p.negative for p in prompts])
+                for i, p in enumerate(prompts):
+                    p.embeds.update(neg_t5=neg["t5"][i:i + 1].cpu(), neg_t5_mask=neg["t5_mask"][i:i + 1].cpu())
 
     @torch.no_grad()
     def render(self, prompt: SamplePrompt, device: torch.device, dtype: torch.dtype,
@@ -116,6 +122,8 @@ class SampleRenderer:
         if tile is not None:
             log.info("sampling: the %dx%d sample is decoded in %d px tiles (a full decode would not fit the memory "
                      "left)", prompt.width, prompt.height, tile)
+        if self.chroma:
+            return self._render_chroma(prompt, device, dtype, transformer, cancel)
         pipe = FluxPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
                             tokenizer=c.tokenizer, text_encoder_2=None, tokenizer_2=c.tokenizer_2,
                             transformer=transformer if transformer is not None else c.transformer)
@@ -133,6 +141,39 @@ class SampleRenderer:
             pooled_prompt_embeds=prompt.embeds["pooled"].to(device, dtype),
             height=max(align, prompt.height // align * align), width=max(align, prompt.width // align * align),
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance, generator=gen, output_type="pil",
+            callback_on_step_end=check_cancel,
+        )
+        return out.images[0]
+
+
+    def _render_chroma(self, prompt: SamplePrompt, device: torch.device, dtype: torch.dtype,
+                       transformer: torch.nn.Module | None, cancel: threading.Event | None) -> Image.Image:
+        """ChromaPipeline from the cached T5 outputs and masks (tokens + the first padding token attended, as the
+        pipeline's own encoding gives); `--g` is its CFG scale: above 1 the negative prompt runs beside each step."""
+        from diffusers import ChromaPipeline
+
+        from fluxlora.models.chroma import chroma_text_mask
+
+        c = self.c
+        pipe = ChromaPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
+                              tokenizer=c.tokenizer_2, transformer=transformer if transformer is not None else c.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        align = pipe.vae_scale_factor * 2
+        e = prompt.embeds
+
+        def check_cancel(_pipe, _step, _t, kwargs):
+            if cancel is not None and cancel.is_set():
+                raise SamplingCancelled("sampling cancelled")
+            return kwargs
+
+        cfg = prompt.guidance > 1
+        out = pipe(
+            prompt_embeds=e["t5"].to(device, dtype), prompt_attention_mask=chroma_text_mask(e["t5_mask"]).to(device),
+            negative_prompt_embeds=e["neg_t5"].to(device, dtype) if cfg else None,
+            negative_prompt_attention_mask=chroma_text_mask(e["neg_t5_mask"]).to(device) if cfg else None,
+            height=max(align, prompt.height // align * align), width=max(align, prompt.width // align * align),
+            num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
+            generator=torch.Generator("cpu").manual_seed(prompt.seed), output_type="pil",
             callback_on_step_end=check_cancel,
         )
         return out.images[0]

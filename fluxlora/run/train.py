@@ -143,7 +143,8 @@ def _train(job: Job) -> float | None:
 
     comps = _load_and_cache(job, dm, callbacks.get("sampler") if job.owner else None, clock)
     if callbacks.get("lora_saver") is not None:
-        callbacks["lora_saver"].add_metadata(sd_model_name=comps.name)
+        callbacks["lora_saver"].add_metadata(sd_model_name=comps.name, **(
+            {"model_type": "chroma", "apply_t5_attn_mask": True} if comps.arch == "chroma" else {}))
     built = _build(job, comps, callbacks, steps)
     if built is None:
         return None
@@ -162,8 +163,11 @@ def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageCloc
     clock.begin("load")
     comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True,
                             t5_storage=memory.t5_storage, device_limit=memory_limit(device), defer_encoders=True)
+    keep = list(sampler.prompt_texts) if sampler is not None else []
+    if keep and comps.arch == "chroma":  # Chroma samples with CFG: the negatives ride along with the captions too
+        keep += sampler.negative_texts
     encoders = StagedEncoders(comps, device, int(cfg.model.t5_max_length), cache_batch_size(cfg.data.cache_batch_size),
-                              keep=sampler.prompt_texts if sampler is not None else ())
+                              keep=keep)
     heartbeat("caching")
     clock.begin("cache")
     dm.build_cache(encoders, comps.encoder_identity(int(cfg.model.t5_max_length)),

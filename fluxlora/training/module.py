@@ -26,6 +26,16 @@ log = logging.getLogger(__name__)
 NONFINITE = ("stop", "skip")
 
 
+def _arch_of(transformer: torch.nn.Module) -> str:
+    """`chroma` for diffusers' ChromaTransformer2DModel (its mask kept under checkpointing), else `flux`."""
+    from fluxlora.models.chroma import is_chroma, keep_mask_under_checkpointing
+
+    if not is_chroma(transformer):
+        return "flux"
+    keep_mask_under_checkpointing(transformer)
+    return "chroma"
+
+
 class FluxLoRAModule(L.LightningModule):
     """Trains LoRA adapters on a frozen Flux transformer.
 
@@ -64,7 +74,8 @@ class FluxLoRAModule(L.LightningModule):
         self._pending_files: list[str] = []
         self.adapted = inject_and_load(transformer, lora)
         transformer.train()  # Lightning warns about eval-mode modules; Flux has no dropout outside LoRA
-        self.has_guidance = bool(transformer.config.guidance_embeds)
+        self.has_guidance = bool(getattr(transformer.config, "guidance_embeds", False))
+        self.arch = _arch_of(transformer)
         n = sum(p.numel() for p in lora_parameters(transformer).values())
         log.info("LoRA r=%d alpha=%g on %d layers (%s blocks): %.2fM trainable parameters",
                  lora.rank, lora.alpha, len(self.adapted), lora.train_blocks, n / 1e6)
@@ -86,6 +97,11 @@ class FluxLoRAModule(L.LightningModule):
             sigma = sigma.to(self.device)
         xt = fm.noise_latents(x0, noise, sigma).to(self.compute_dtype)
         t5 = batch["t5"].to(self.device, self.compute_dtype)
+        if self.arch == "chroma":  # T5 mask applied, no pooled CLIP, no guidance (fluxlora.models.chroma)
+            from fluxlora.models.chroma import predict
+
+            pred = predict(self.transformer, xt, t5, batch["t5_mask"], sigma, h, w, self.compute_dtype)
+            return fm.flow_loss(pred, noise - x0, self.flow.loss, self.flow.huber_c)
         guidance = torch.full((b,), self.flow.guidance_scale, device=self.device) if self.has_guidance else None
         pred = self.transformer(
             hidden_states=xt,
