@@ -365,7 +365,7 @@ def chroma_hint(model_cfg: Any) -> str | None:
 
 def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bool = False,
                     t5_storage: str = "full", device_limit: int | None = None, defer_encoders: bool = False):
-    """`fluxlora.models.components.load_components` for `model.arch=chroma`: the same deferral and storage
+    """`fluxlora.models.components.load_flux_components` for `model.arch=chroma`: the same deferral and storage
     options, T5 only (no CLIP-L)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -147,10 +147,11 @@ def resolve_t5_storage(requested: str, file_dtypes: set[str], parameters: int, l
     return "full" if 2 * parameters + T5_WORKING_BYTES <= limit else "fp8"
 
 
-def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bool = False,
-                    t5_storage: str = "full", device_limit: int | None = None,
-                    defer_encoders: bool = False) -> FluxComponents:
-    """Build or load the model named by the `model` config group, from local files only.
+def load_flux_components(model_cfg: Any, storage: str = "none", defer_transformer: bool = False,
+                         t5_storage: str = "full", device_limit: int | None = None,
+                         defer_encoders: bool = False) -> FluxComponents:
+    """Build or load the FLUX.1 model (dev or schnell) the `model` config group names, from local files only
+    (`fluxlora.models.loading.load_components` picks this or Chroma's loader by `model.arch`).
 
     Headers are checked and tokenizers found before any large file is read, so a wrong path fails in
     seconds. Each part logs its load time.
@@ -165,12 +166,6 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
         device_limit: bytes the training device's allocator may hold (`fluxlora.perf.cuda_setup.memory_limit`).
         defer_encoders: leave CLIP-L and T5 to `FluxComponents.encoder(part)` (caching reads each in its stage).
     """
-    if model_cfg.get("arch", "flux") == "chroma":
-        from fluxlora.models import chroma
-
-        return chroma.load_components(model_cfg, storage, defer_transformer, t5_storage, device_limit, defer_encoders)
-    if model_cfg.get("arch", "flux") != "flux":
-        raise FluxLoraError(f"model.arch={model_cfg.get('arch')!r} is not one of flux, chroma")
     source = model_cfg.source
     if source == "tiny":
         from fluxlora.models import tiny
@@ -192,17 +187,7 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
     from fluxlora.models.vae import load_vae
 
     t0 = time.monotonic()
-    from fluxlora.models.chroma import chroma_hint, detect
-
-    try:
-        files = resolve_files(model_cfg)
-    except FluxLoraError as e:
-        hint = chroma_hint(model_cfg)  # a Chroma folder has no CLIP-L: say which preset it needs
-        raise FluxLoraError(f"{e}; {hint}" if hint else str(e)) from None
-
-    if detect(files.transformer) == "chroma":
-        raise FluxLoraError(f"{files.transformer} is a Chroma transformer (distilled_guidance_layer, no CLIP): "
-                            "use model=chroma")
+    files = resolve_files(model_cfg)
     dtype = resolve_dtype(model_cfg.get("dtype"))
     guidance = bool(inspect_transformer(files.transformer).get("guidance_embeds"))
     variant = "dev" if guidance else "schnell"

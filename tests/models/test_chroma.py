@@ -17,7 +17,7 @@ from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
 from fluxlora.lora.init_from import inject_and_load
 from fluxlora.lora.inject import ADAPTER, LoraSettings, inject, lora_layers
 from fluxlora.models import bfl, chroma
-from fluxlora.models.components import load_components
+from fluxlora.models import load_components
 from fluxlora.models.encode import encode_prompts
 from fluxlora.models.files import read_header
 from fluxlora.models.identify import describe_keys
