@@ -76,7 +76,7 @@ class TextEncoderLora:
         """sha256 of the layers' names and tensor bytes: the caches' content key changes with it."""
         h = hashlib.sha256()
         for key in sorted(self.tensors):
-            t = self.tensors[key].detach().cpu().contiguous()
+            t = self.tensors[key].detach().cpu().contiguous().reshape(-1)
             h.update(key.encode())
             h.update(str(t.dtype).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -92,10 +92,7 @@ class TextEncoderLora:
         for stem, layer in self.layers.items():
             if layer.part != part:
                 continue
-            try:
-                module = encoder.get_submodule(layer.module)
-            except AttributeError:
-                module = None
+            module = _submodule(encoder, layer.module)
             out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
             if module is None or out_f is None:
                 raise FluxLoraError(f"{self.path}: text-encoder layer {stem} adapts {layer.module}, which this "
@@ -106,6 +103,17 @@ class TextEncoderLora:
             self._hooks.append(module.register_forward_hook(_hook(layer)))
             n += 1
         return n
+
+
+def _submodule(encoder: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """`name` in `encoder`; sd-scripts names CLIP-L's modules under `text_model.`, which transformers 5's
+    CLIPTextModel no longer has (its layers are `encoder.layers.N`), so that prefix may be absent."""
+    for candidate in dict.fromkeys((name, name.removeprefix("text_model."))):
+        try:
+            return encoder.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
 
 
 def _hook(layer: TextEncoderLayer):
