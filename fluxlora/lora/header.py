@@ -25,6 +25,10 @@ network, and loaders (sd-scripts' `create_network_from_weights`, ComfyUI) read e
 (fused q/k/v(/mlp) layers are rank n·r, block-diagonal, alpha n·α; a continued file keeps its own ranks), so the
 header names the most common (rank, alpha) of its layers, as sd-scripts' split_qkv export does (its fused qkv layers
 are 3r, its `ss_network_dim` r). Each layer's own rank and alpha are in its tensors, alpha/rank = the scale trained.
+
+`ss_network_args` likewise follows the file (`file_network_args`): `in_dims` when it holds embedder layers,
+`train_t5xxl` when it holds T5 (`lora_te3_`) layers, as sd-scripts writes them for a network that has them; the
+frozen text-encoder layers of `lora.init_from` count among the layers for `ss_network_dim` / `ss_network_alpha`.
 """
 
 from __future__ import annotations

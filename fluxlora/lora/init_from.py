@@ -13,6 +13,11 @@ Per-layer ranks and alphas reach peft through `rank_pattern` / `alpha_pattern`; 
 the file's scale. Layers the file adapts are always adapted, even outside `lora.train_blocks`; layers the settings
 target and the file lacks start fresh with `lora.rank` / `lora.alpha` (zero up, so the model is unchanged).
 
+Embedder layers (sd-scripts' `in_dims`: `lora_unet_img_in`, `lora_unet_time_in_in_layer`, ...) are single Linears
+and load as they are (`fluxlora.lora.keys.EMBEDDERS`). Text-encoder layers (`lora_te1_` / `lora_te3_`) are not the
+transformer's: `fluxlora.lora.text_encoder` keeps them frozen or drops them (`lora.text_encoder_lora`); a file of
+text-encoder layers only gives the transformer fresh layers.
+
 DoRA files carry a magnitude per output row (kohya `dora_scale` (out, 1), peft `lora_magnitude_vector`): rows
 split with the parts like lora_up. LoKr/LoHa files are read by `fluxlora.lora.read_lycoris`. The adapter type is
 read from the file's keys; a file of another type than `lora.type` is refused in one line.
