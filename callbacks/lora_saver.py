@@ -61,12 +61,18 @@ class LoRASaver(L.Callback):
         self._every_steps = every_n_steps or 0
         self._dtype = _DTYPES[dtype]
         self._metadata = dict(metadata or {})
+        self._kept: dict[str, torch.Tensor] = {}
         self.saved: list[Path] = []
         self._last_step_saved = -1  # with gradient accumulation several batches end on the same optimizer step
 
     def add_metadata(self, **values: Any) -> None:
         """Header values known only later (the base model's name, once it is loaded: the callbacks are built first)."""
         self._metadata.update(values)
+
+    def keep_layers(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors written unchanged (bit for bit, in their own dtype) into every kohya file: the frozen text-encoder
+        layers of `lora.init_from` (`fluxlora.lora.text_encoder`)."""
+        self._kept = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
     def save(self, pl_module: L.LightningModule, stem: str, trainer: L.Trainer) -> list[Path]:
         """Write `<stem>.safetensors` (and/or the diffusers variant); returns the written paths."""
@@ -76,9 +82,13 @@ class LoRASaver(L.Callback):
         paths = []
         with in_stage("lora_save", stem):  # a failure here (full disk, out of memory) is named by this stage
             if self._format in ("kohya", "both"):
-                paths.append(self._write(kohya_state_dict(pl_module.transformer, self._dtype), meta,
-                                         f"{stem}.safetensors"))
+                paths.append(self._write({**kohya_state_dict(pl_module.transformer, self._dtype), **self._kept},
+                                         meta, f"{stem}.safetensors"))
             if self._format in ("diffusers", "both"):
+                if self._kept:
+                    log.warning("the diffusers-keyed LoRA file holds the transformer layers only: the %d frozen "
+                                "text-encoder tensors of lora.init_from are written to kohya files (output.format="
+                                "kohya or both)", len(self._kept))
                 suffix = ".safetensors" if self._format == "diffusers" else ".diffusers.safetensors"
                 paths.append(self._write(diffusers_state_dict(pl_module.transformer, self._dtype), meta,
                                          stem + suffix, trained_scales(pl_module.transformer)))

@@ -25,6 +25,10 @@ network, and loaders (sd-scripts' `create_network_from_weights`, ComfyUI) read e
 (fused q/k/v(/mlp) layers are rank n·r, block-diagonal, alpha n·α; a continued file keeps its own ranks), so the
 header names the most common (rank, alpha) of its layers, as sd-scripts' split_qkv export does (its fused qkv layers
 are 3r, its `ss_network_dim` r). Each layer's own rank and alpha are in its tensors, alpha/rank = the scale trained.
+
+`ss_network_args` likewise follows the file (`file_network_args`): `in_dims` when it holds embedder layers,
+`train_t5xxl` when it holds T5 (`lora_te3_`) layers, as sd-scripts writes them for a network that has them; the
+frozen text-encoder layers of `lora.init_from` count among the layers for `ss_network_dim` / `ss_network_alpha`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from safetensors.torch import save
 
 from fluxlora import __version__
 from fluxlora.lora.inject import ADAPTER, LoraSettings, lora_layers
+from fluxlora.lora.keys import IN_DIMS, embedder_group
 
 NETWORK_MODULE = "networks.lora_flux"
 """sd-scripts' Flux LoRA network module: what `ss_network_module` names for a plain LoRA."""
@@ -224,6 +229,26 @@ def network_dim_alpha(layers: dict[str, tuple[int, float]]) -> Optional[tuple[in
     return dim, max(alphas, key=lambda a: (alphas[a], a))
 
 
+def file_network_args(args: dict, tensors: dict[str, torch.Tensor],
+                      layers: Optional[dict[str, tuple[int, float]]] = None) -> dict:
+    """sd-scripts' network args completed for the layers a file holds (its lora_flux reads them back so): `in_dims`
+    "[img, time, vector, guidance, txt]" (each embedder's rank, 0 where the file has none) when it has embedder
+    layers, and `train_t5xxl` "True" when it has T5 (`lora_te3_`) layers; absent otherwise."""
+    layers = layer_shapes(tensors) if layers is None else layers
+    out = {k: v for k, v in args.items() if k not in ("in_dims", "train_t5xxl")}
+    dims = dict.fromkeys(IN_DIMS, 0)
+    stems = {k.split(".", 1)[0] for k in tensors}
+    for stem in stems:
+        group = embedder_group(stem)
+        if group is not None:
+            dims[group] = max(dims[group], layers.get(stem, (0, 0.0))[0])
+    if any(dims.values()):
+        out["in_dims"] = "[" + ",".join(str(dims[g]) for g in IN_DIMS) + "]"
+    if any(s.startswith("lora_te3_") for s in stems):
+        out["train_t5xxl"] = "True"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- hashes
 
 
@@ -243,8 +268,12 @@ def file_metadata(meta: dict[str, str], tensors: dict[str, torch.Tensor],
     """`meta` completed for the file holding exactly `tensors`: `ss_network_dim`/`alpha` from its layers (kept
     when it has no lora_down/lora_A layers, e.g. another adapter type), then the `sshs_*` hashes of those tensors."""
     out = {k: v for k, v in meta.items() if not k.startswith("sshs_")}
-    shape = network_dim_alpha(layer_shapes(tensors, scales))
+    layers = layer_shapes(tensors, scales)
+    shape = network_dim_alpha(layers)
     if shape is not None:
         out["ss_network_dim"], out["ss_network_alpha"] = str(shape[0]), str(float(shape[1]))
+    if out.get("ss_network_module") == NETWORK_MODULE and "ss_network_args" in out:
+        args = json.loads(out["ss_network_args"]) or {}
+        out["ss_network_args"] = json.dumps(file_network_args(args, tensors, layers))
     out["sshs_model_hash"], out["sshs_legacy_hash"] = safetensors_hashes(tensors, out)
     return out

@@ -13,6 +13,11 @@ Per-layer ranks and alphas reach peft through `rank_pattern` / `alpha_pattern`; 
 the file's scale. Layers the file adapts are always adapted, even outside `lora.train_blocks`; layers the settings
 target and the file lacks start fresh with `lora.rank` / `lora.alpha` (zero up, so the model is unchanged).
 
+Embedder layers (sd-scripts' `in_dims`: `lora_unet_img_in`, `lora_unet_time_in_in_layer`, ...) are single Linears
+and load as they are (`fluxlora.lora.keys.EMBEDDERS`). Text-encoder layers (`lora_te1_` / `lora_te3_`) are not the
+transformer's: `fluxlora.lora.text_encoder` keeps them frozen or drops them (`lora.text_encoder_lora`); a file of
+text-encoder layers only gives the transformer fresh layers.
+
 DoRA files carry a magnitude per output row (kohya `dora_scale` (out, 1), peft `lora_magnitude_vector`): rows
 split with the parts like lora_up. LoKr/LoHa files are read by `fluxlora.lora.read_lycoris`. The adapter type is
 read from the file's keys; a file of another type than `lora.type` is refused in one line.
@@ -34,7 +39,7 @@ import torch
 from fluxlora.errors import FluxLoraError
 from fluxlora.lora.adapters import LYCORIS, set_layer_tensors
 from fluxlora.lora.inject import ADAPTER, LoraSettings, add_adapters, inject, lora_layers, target_modules
-from fluxlora.lora.keys import kohya_parts, kohya_slot
+from fluxlora.lora.keys import is_text_encoder_layer, kohya_parts, kohya_slot
 from fluxlora.lora.read_lycoris import check_shapes, read_lycoris
 
 log = logging.getLogger(__name__)
@@ -82,16 +87,13 @@ def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _read_kohya(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, AdapterWeights]:
-    stems = sorted({k.split(".", 1)[0] for k in sd})
-    skipped = [s for s in stems if s.startswith("lora_te")]
-    if skipped:
-        log.warning("%s: %d text-encoder LoRA layers ignored (fluxlora trains the transformer only)",
-                    path, len(skipped))
+    # text-encoder layers are `fluxlora.lora.text_encoder`'s (lora.text_encoder_lora: keep | drop)
+    stems = sorted({k.split(".", 1)[0] for k in sd if not is_text_encoder_layer(k)})
     out = {}
-    for stem in (s for s in stems if not s.startswith("lora_te")):
+    for stem in stems:
         modules = kohya_parts(stem)
         if modules is None:
-            raise FluxLoraError(f"{path}: LoRA layer {stem} is not a Flux block layer fluxlora can train")
+            raise FluxLoraError(f"{path}: LoRA layer {stem} is not a Flux block or embedder layer fluxlora can train")
         try:
             down, up = sd[f"{stem}.lora_down.weight"].float(), sd[f"{stem}.lora_up.weight"].float()
         except KeyError as e:
@@ -109,7 +111,7 @@ def _read_peft(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, AdapterWeig
         if ".lora_A." not in key:
             continue
         name = key.split(".lora_A.", 1)[0]
-        if name.startswith(("text_encoder", "te_")):
+        if is_text_encoder_layer(name):  # `fluxlora.lora.text_encoder` reads (or refuses) these
             continue
         module = next((name[len(p):] for p in _PEFT_PREFIXES if name.startswith(p)), name)
         up_key = key.replace(".lora_A.", ".lora_B.")
@@ -159,7 +161,7 @@ def read_lora_file(path: str | Path, transformer: torch.nn.Module, kind: str = "
     sd = load_file(str(path))
     if kind in LYCORIS:
         weights = read_lycoris(path, sd, transformer, kind, adaptable or [])
-        if not weights:
+        if not weights and not any(is_text_encoder_layer(k) for k in keys):
             raise FluxLoraError(f"{path} holds no transformer {kind} layers")
         return weights
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
@@ -171,11 +173,12 @@ def read_lora_file(path: str | Path, transformer: torch.nn.Module, kind: str = "
     for name, w in weights.items():
         lin = _linear(path, transformer, name)
         if kohya_slot(name) is None:
-            raise FluxLoraError(f"{path}: adapts {name}, which has no kohya counterpart (fluxlora trains block layers)")
+            raise FluxLoraError(f"{path}: adapts {name}, which has no kohya counterpart (fluxlora trains block "
+                                "and embedder layers)")
         if w.down.shape[1] != lin.in_features or w.up.shape != (lin.out_features, w.rank):
             raise FluxLoraError(f"{path}: LoRA for {name} has shapes {tuple(w.down.shape)}/{tuple(w.up.shape)}; "
                                 f"the layer is {lin.out_features}×{lin.in_features} (another model size?)")
-    if not weights:
+    if not weights and not any(is_text_encoder_layer(k) for k in keys):  # text-encoder layers only: fresh ones
         raise FluxLoraError(f"{path} holds no transformer LoRA layers")
     return weights
 
@@ -219,8 +222,11 @@ def inject_and_load(transformer: torch.nn.Module, settings: LoraSettings) -> lis
         raise FluxLoraError(f"{path} holds {kind} weights but lora.type={settings.type}; set lora.type={kind} to "
                             "continue it")
     targets = target_modules(transformer, settings)
-    adaptable = target_modules(transformer, LoraSettings(type=settings.type))  # every block Linear
+    adaptable = target_modules(transformer, LoraSettings(type=settings.type, train_embedders=True))  # every Linear
     init = read_lora_file(path, transformer, kind, adaptable)
+    if not init:  # a file of text-encoder layers only (`fluxlora.lora.text_encoder` applies them)
+        log.info("%s holds no transformer layers: the transformer's LoRA starts fresh", path)
+        return add_adapters(transformer, settings, targets, dict(r=settings.rank, lora_alpha=settings.alpha))
     shape = lora_config_args(init, [t for t in targets if t not in init], settings.rank, settings.alpha)
     both = any("lokr_w1_a" in getattr(w, "tensors", {}) for w in init.values())
     targets = add_adapters(transformer, settings, sorted(set(targets) | set(init)), shape, lokr_decompose_both=both)

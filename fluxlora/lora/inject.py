@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from fluxlora.lora.adapters import ADAPTER, LYCORIS, TYPES, is_adapted, peft_config
-from fluxlora.lora.keys import MODULATION, kohya_slot
+from fluxlora.lora.keys import MODULATION, is_embedder, kohya_slot
 
 __all__ = ["ADAPTER", "LoraSettings", "add_adapters", "inject", "lora_layers", "lora_parameters", "target_modules"]
 TRAIN_BLOCKS = ("all", "single", "double")
+TEXT_ENCODER_LORA = ("keep", "drop")
 
 
 @dataclass
@@ -37,9 +38,19 @@ class LoraSettings:
     """all | single | double, as sd-scripts' train_blocks network arg."""
     include_modulation: bool = True
     """Also adapt the blocks' modulation Linears (kohya's img_mod_lin / modulation_lin) as sd-scripts does."""
+    train_embedders: bool = False
+    """Also adapt the embedders as sd-scripts' `in_dims` does (img_in, time_in, vector_in, guidance_in, txt_in:
+    diffusers' x_embedder, time_text_embed.*, context_embedder), with `rank` / `alpha`. Embedder layers of
+    `init_from` are continued either way."""
     init_from: str | None = None
     """A LoRA file (kohya or diffusers keys) to continue from; its layers keep their rank and scale
     (see `fluxlora.lora.init_from` for how fused kohya layers map onto q/k/v)."""
+    text_encoder_lora: str = "keep"
+    """What happens to `init_from`'s text-encoder layers (sd-scripts' lora_te1_* CLIP-L, lora_te3_* T5): keep
+    (frozen, applied to the encoder while caching and encoding the sample prompts, written back unchanged) or drop
+    (left out of the run and of the files written; the log names them)."""
+    train_text_encoder: bool = False
+    """Training text-encoder LoRAs is not supported yet (it would turn off caching of that encoder's outputs)."""
 
     def __post_init__(self) -> None:
         if self.type not in TYPES:
@@ -57,13 +68,24 @@ class LoraSettings:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if self.train_blocks not in TRAIN_BLOCKS:
             raise ValueError(f"lora.train_blocks={self.train_blocks!r} is not one of {TRAIN_BLOCKS}")
+        if self.text_encoder_lora not in TEXT_ENCODER_LORA:
+            raise ValueError(f"lora.text_encoder_lora={self.text_encoder_lora!r} is not one of {TEXT_ENCODER_LORA}")
+        if self.train_text_encoder:
+            raise ValueError("lora.train_text_encoder=true is not supported yet; lora.text_encoder_lora=keep applies "
+                             "the text-encoder layers of lora.init_from frozen while caching and writes them back "
+                             "unchanged")
 
 
 def target_modules(transformer: torch.nn.Module, settings: LoraSettings) -> list[str]:
-    """Full names of the Linears that get an adapter."""
+    """Full names of the Linears that get an adapter: block Linears by `train_blocks` / `include_modulation`, the
+    embedders with `train_embedders`."""
     names = []
     for name, mod in transformer.named_modules():
         if not isinstance(mod, torch.nn.Linear) or kohya_slot(name) is None:
+            continue
+        if is_embedder(name):
+            if settings.train_embedders:
+                names.append(name)
             continue
         single = name.startswith("single_transformer_blocks.")
         if (settings.train_blocks == "single" and not single) or (settings.train_blocks == "double" and single):

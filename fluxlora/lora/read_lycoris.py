@@ -20,7 +20,7 @@ import torch
 from fluxlora.errors import FluxLoraError
 from fluxlora.lora.adapters import TENSORS
 from fluxlora.lora.export_lycoris import LYCORIS_PREFIX, lycoris_name
-from fluxlora.lora.keys import kohya_parts
+from fluxlora.lora.keys import is_text_encoder_layer, kohya_parts
 
 
 @dataclass
@@ -92,7 +92,7 @@ def read_lycoris(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.
     by_lycoris = {lycoris_name(n): n for n in adaptable}
     out: dict[str, LycorisWeights] = {}
     for stem, t in _stems(sd, kind).items():
-        if stem.startswith(("lora_te", "lycoris_te", "text_encoder")):
+        if is_text_encoder_layer(stem):  # `fluxlora.lora.text_encoder` refuses (or drops) these
             continue
         w = _lokr(path, stem, t) if kind == "lokr" else _loha(stem, t)
         if stem.startswith(LYCORIS_PREFIX) and stem in by_lycoris:
@@ -112,7 +112,7 @@ def read_lycoris(path: Path, sd: dict[str, torch.Tensor], transformer: torch.nn.
                                         f"this model's layer has {sum(sizes)}")
                 out.update(_split_loha(w, modules, sizes))
         else:
-            raise FluxLoraError(f"{path}: {kind} layer {stem} is not a Flux block layer fluxlora can train")
+            raise FluxLoraError(f"{path}: {kind} layer {stem} is not a Flux block or embedder layer fluxlora can train")
     return out
 
 

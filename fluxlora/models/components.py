@@ -52,6 +52,9 @@ class FluxComponents:
     """How T5 is (or will be) kept: `fp8` block Linears or `full` (the compute dtype); see `resolve_t5_storage`."""
     arch: str = "flux"
     """`flux` (FLUX.1 dev/schnell) or `chroma` (`fluxlora.models.chroma`: T5 only, no CLIP-L, T5 mask applied)."""
+    text_encoder_lora: Any = None
+    """`fluxlora.lora.text_encoder.TextEncoderLora` applied to the text encoders (frozen, sd-scripts' lora_te1_/
+    lora_te3_ layers of `lora.init_from`), or None; set with `use_text_encoder_lora`."""
 
     @property
     def has_guidance(self) -> bool:
@@ -73,7 +76,29 @@ class FluxComponents:
         if module is None and part in self.encoder_loaders:
             module = self.encoder_loaders.pop(part)()
             setattr(self, part, module)
+            self._apply_text_encoder_lora(part)
         return module
+
+    def use_text_encoder_lora(self, lora: Any) -> None:
+        """Apply a file's text-encoder LoRA layers (`TextEncoderLora`) to CLIP-L / T5: now to an encoder already
+        read, when it is read to a deferred one. Their identity joins `encoder_identity`."""
+        if self.text_encoder_lora is not None:
+            raise RuntimeError("a text-encoder LoRA is already applied")
+        for part in lora.parts():
+            if getattr(self, part) is None and part not in self.encoder_loaders:
+                what = "CLIP-L" if part == "text_encoder" else "T5"
+                raise FluxLoraError(f"{lora.path} holds {what} LoRA layers but this model ({self.arch}) has no {what} "
+                                    "text encoder; set lora.text_encoder_lora=drop to leave them out")
+        self.text_encoder_lora = lora
+        for part in lora.parts():
+            if getattr(self, part) is not None:
+                self._apply_text_encoder_lora(part)
+
+    def _apply_text_encoder_lora(self, part: str) -> None:
+        lora = self.text_encoder_lora
+        if lora is not None and part in lora.parts():
+            n = lora.apply(part, getattr(self, part))
+            log.info("text-encoder LoRA: %d layers of %s applied to %s (frozen)", n, lora.path.name, part)
 
     def release_encoders(self) -> None:
         """Drop both text encoders for good (after caching: sampling renders from cached prompt encodings)."""
@@ -89,6 +114,8 @@ class FluxComponents:
             ident["t5_storage"] = "fp8"
         if self.arch != "flux":  # Chroma: T5 runs with the attention mask, no CLIP pooled embedding
             ident["arch"] = self.arch
+        if self.text_encoder_lora is not None:  # the encoders' outputs are those with its layers applied
+            ident["text_encoder_lora"] = self.text_encoder_lora.identity()
         return json.dumps(ident, sort_keys=True)
 
     def pipeline_parts(self) -> dict:

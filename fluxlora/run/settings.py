@@ -130,6 +130,17 @@ def _check_format(cfg: DictConfig, lora: LoraSettings | None) -> None:
             check_export_format(str(fmt), lora.type)
         except ValueError as e:
             raise FluxLoraError(str(e)) from None
+    if lora is not None and str(fmt) == "diffusers" and lora.init_from and lora.text_encoder_lora == "keep":
+        from pathlib import Path
+
+        from fluxlora.lora.text_encoder import text_encoder_keys
+        from fluxlora.models.files import read_header
+
+        path = Path(lora.init_from).expanduser()
+        if path.is_file() and text_encoder_keys(list(read_header(path).shapes)):
+            raise FluxLoraError(f"output.format=diffusers cannot carry the text-encoder LoRA layers of {path} "
+                                "(lora.text_encoder_lora=keep writes them back in kohya files): set output.format="
+                                "kohya or both, or lora.text_encoder_lora=drop")
 
 
 def _whole(node: Any, key: str, group: str, minimum: int) -> None:

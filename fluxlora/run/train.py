@@ -141,7 +141,10 @@ def _train(job: Job) -> float | None:
     precision, _ = precision_for(cfg, job.device)
     record_run(callbacks, run_record(cfg, job.settings, job.name, dm.resolution, len(records), steps, precision))
 
-    comps = _load_and_cache(job, dm, callbacks.get("sampler") if job.owner else None, clock)
+    te_lora = _text_encoder_lora(job.settings)
+    if te_lora is not None and callbacks.get("lora_saver") is not None:
+        callbacks["lora_saver"].keep_layers(te_lora.tensors)  # written back unchanged in every kohya file
+    comps = _load_and_cache(job, dm, callbacks.get("sampler") if job.owner else None, clock, te_lora)
     if callbacks.get("lora_saver") is not None:
         callbacks["lora_saver"].add_metadata(sd_model_name=comps.name, **(
             {"model_type": "chroma", "apply_t5_attn_mask": True} if comps.arch == "chroma" else {}))
@@ -153,16 +156,33 @@ def _train(job: Job) -> float | None:
     return _report(callbacks, clock)
 
 
-def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageClock):
-    """Load the model, cache latents and text outputs (one encoder on the device at a time), encode the sample
-    prompts (`sampler`: rank 0's, or None), free the text encoders, then read the transformer. Returns the
-    components."""
+def _text_encoder_lora(settings: RunSettings):
+    """The text-encoder layers of `lora.init_from` to apply while caching (`lora.text_encoder_lora=keep`), or None
+    (no file, none in it, or `drop`, which logs them)."""
+    from fluxlora.lora.text_encoder import read_text_encoder_lora
+
+    lora = settings.lora
+    if not lora.init_from:
+        return None
+    te = read_text_encoder_lora(lora.init_from, lora.text_encoder_lora)
+    if te is not None:
+        log.info("lora.init_from %s: text-encoder LoRA layers kept frozen (%s): applied while caching and to the "
+                 "sample prompts, written back unchanged", te.path, te.summary())
+    return te
+
+
+def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageClock, te_lora: Any = None):
+    """Load the model, apply `te_lora` (a file's text-encoder LoRA layers, or None) to the text encoders, cache
+    latents and text outputs (one encoder on the device at a time), encode the sample prompts (`sampler`: rank 0's,
+    or None), free the text encoders, then read the transformer. Returns the components."""
     cfg, memory, device = job.cfg, job.settings.memory, job.device
     log.info("loading model (%s)", cfg.model.source)
     heartbeat("load_model")
     clock.begin("load")
     comps = load_components(cfg.model, storage=memory.base_storage, defer_transformer=True,
                             t5_storage=memory.t5_storage, device_limit=memory_limit(device), defer_encoders=True)
+    if te_lora is not None:
+        comps.use_text_encoder_lora(te_lora)  # before caching: the cache holds the encoders' outputs with it
     keep = list(sampler.prompt_texts) if sampler is not None else []
     if keep and comps.arch == "chroma":  # Chroma samples with CFG: the negatives ride along with the captions too
         keep += sampler.negative_texts

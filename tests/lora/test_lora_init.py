@@ -127,11 +127,11 @@ def test_files_that_cannot_continue(tmp_path):
     inject(bigger, LoraSettings(rank=RANK, alpha=ALPHA))
     wrong_size = tmp_path / "other_size.safetensors"
     save_file(kohya_state_dict(bigger, torch.float32), str(wrong_size))
-    odd_layer = tmp_path / "img_in.safetensors"
-    save_file({"lora_unet_img_in.lora_down.weight": torch.zeros(2, 16),
-               "lora_unet_img_in.lora_up.weight": torch.zeros(32, 2)}, str(odd_layer))
+    odd_layer = tmp_path / "final_layer.safetensors"  # sd-scripts adapts blocks and embedders, never this
+    save_file({"lora_unet_final_layer_linear.lora_down.weight": torch.zeros(2, 32),
+               "lora_unet_final_layer_linear.lora_up.weight": torch.zeros(16, 2)}, str(odd_layer))
     for path, phrase in [(not_lora, "not a LoRA file"), (wrong_size, "output rows"),
-                         (odd_layer, "lora_unet_img_in is not a Flux block layer"),
+                         (odd_layer, "lora_unet_final_layer_linear is not a Flux block or embedder layer"),
                          (tmp_path / "missing.safetensors", "does not exist")]:
         with pytest.raises(FluxLoraError) as e:
             _continued(path)
