@@ -52,6 +52,9 @@ class FluxComponents:
     """How T5 is (or will be) kept: `fp8` block Linears or `full` (the compute dtype); see `resolve_t5_storage`."""
     arch: str = "flux"
     """`flux` (FLUX.1 dev/schnell) or `chroma` (`fluxlora.models.chroma`: T5 only, no CLIP-L, T5 mask applied)."""
+    kontext: bool = False
+    """FLUX.1 Kontext [dev] (`fluxlora.models.kontext`): trains on paired images and samples with
+    FluxKontextPipeline from a control image; its weights are laid out as FLUX.1-dev's."""
 
     @property
     def has_guidance(self) -> bool:
@@ -176,12 +179,16 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
         from fluxlora.models import tiny
         from fluxlora.models.text_encoders import store_t5_fp8
 
+        from fluxlora.models.kontext import is_kontext
+
+        kontext = is_kontext(model_cfg)
         parts = tiny.build(seed=int(model_cfg.get("seed", 0)), t5_max_length=int(model_cfg.t5_max_length))
         kept = "fp8" if t5_storage == "fp8" else "full"
         if kept == "fp8":
             store_t5_fp8(parts["text_encoder_2"], next(parts["text_encoder_2"].parameters()).dtype)
-        return FluxComponents(**parts, name="fluxlora-tiny", fingerprint={"tiny_seed": int(model_cfg.get("seed", 0))},
-                              t5_storage=kept)
+        return FluxComponents(**parts, name="fluxlora-tiny-kontext" if kontext else "fluxlora-tiny",
+                              fingerprint={"tiny_seed": int(model_cfg.get("seed", 0))}, t5_storage=kept,
+                              kontext=kontext)
     if source not in ("auto", "diffusers", "single_file"):
         raise FluxLoraError(f"model.source={source!r} is not one of tiny, auto")
     from fluxlora.models.layout import resolve_files
@@ -203,11 +210,17 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
     if detect(files.transformer) == "chroma":
         raise FluxLoraError(f"{files.transformer} is a Chroma transformer (distilled_guidance_layer, no CLIP): "
                             "use model=chroma")
+    from fluxlora.models.kontext import is_kontext
+
+    kontext = is_kontext(model_cfg, files.root)  # the preset or model_index.json: the keys are dev's
     dtype = resolve_dtype(model_cfg.get("dtype"))
     guidance = bool(inspect_transformer(files.transformer).get("guidance_embeds"))
     variant = "dev" if guidance else "schnell"
+    if kontext and not guidance:
+        raise FluxLoraError(f"model.variant=kontext but {files.transformer} has no guidance embedding (FLUX.1-schnell "
+                            "layout); FLUX.1 Kontext [dev] has dev's")
     preset = str(model_cfg.get("preset", ""))
-    if preset.startswith("flux-") and preset != f"flux-{variant}":
+    if preset.startswith("flux-") and preset != f"flux-{variant}" and not kontext:
         log.warning("model=%s but %s is FLUX.1-%s (guidance embedding %s)", preset, files.transformer, variant,
                     "present" if guidance else "absent")
     tok, tok2 = load_tokenizers(model_cfg.get("tokenizer_path"), model_cfg.get("tokenizer_2_path"), files.root,
@@ -229,11 +242,12 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
         name=files.root.name if files.root else files.transformer.stem,
         fingerprint={p: _fingerprint(getattr(files, p)) for p in ("transformer", "vae", "clip_l", "t5xxl")},
         guidance=guidance, transformer_loader=read_transformer if defer_transformer else None,
-        encoder_loaders=loaders, t5_storage=t5_kept,
+        encoder_loaders=loaders, t5_storage=t5_kept, kontext=kontext,
     )
     if not defer_encoders:
         comps.encoder("text_encoder")
         comps.encoder("text_encoder_2")
-    log.info("model %s (FLUX.1-%s) ready in %.1fs%s", comps.name, variant, time.monotonic() - t0,
+    log.info("model %s (FLUX.1-%s) ready in %.1fs%s", comps.name, "Kontext-dev" if kontext else variant,
+             time.monotonic() - t0,
              "; transformer deferred" if defer_transformer else "")
     return comps
