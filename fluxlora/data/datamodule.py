@@ -396,11 +396,10 @@ def _cache_item(rec: ImageRecord, subset: Any, settings: DataSettings, what: str
 
 
 def keep_size(settings: DataSettings, width: int, height: int) -> tuple[int, int]:
-    """`control_resize: keep`: a control image's own size, bucketed as a target of that size would be with buckets
-    on (its aspect ratio, at most the bucket area, never upscaled; sides multiples of `buckets.step`), so a large
-    control cannot multiply the sequence length."""
+    """`control_resize: keep`: a control image at its own aspect ratio and size, scaled down only to the bucket area
+    (a large control cannot multiply the sequence length) and to sides that are multiples of 16 (Flux's packing)."""
     b = settings.buckets
-    return replace(b, enabled=True, upscale=False, min_size=min(b.min_size, b.step)).bucket_for(width, height)
+    return replace(b, enabled=True, upscale=False, step=16, min_size=16).bucket_for(width, height)
 
 
 def _names(records: list[ImageRecord], most: int = 5) -> str:
