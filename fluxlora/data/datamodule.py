@@ -242,12 +242,12 @@ class FluxDataModule(L.LightningDataModule):
         size = int(batch_size or self.settings.batch_size)
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
-        def size(i: int) -> tuple:  # a batch holds one target size, and one control size
+        def sizes(i: int) -> tuple:  # a batch holds one target size, and one control size
             return self.val_entries[i].bucket + (self.val_entries[i].control_bucket or ())
 
-        order = sorted(range(len(self.val_entries)), key=lambda i: (size(i), i))
+        order = sorted(range(len(self.val_entries)), key=lambda i: (sizes(i), i))
         batches: list[list[int]] = []
-        for _, group in itertools.groupby(order, key=size):
+        for _, group in itertools.groupby(order, key=sizes):
             group = list(group)
             batches += [group[j:j + size] for j in range(0, len(group), size)]
         return batches[rank::world_size]

@@ -171,3 +171,20 @@ def test_a_kontext_prompt_without_ci_fails_when_the_sampler_is_built(make_cfg):
     cfg = make_cfg("model=tiny-kontext", "sample.prompts=[make the circle red]")
     with pytest.raises(FluxLoraError, match=r"needs its control image: add --ci"):
         build_callbacks(cfg, prebuilt={})
+
+
+def test_validation_batches_share_the_control_size_too(make_cfg, tmp_path):
+    images = make_folder(tmp_path / "images", count=6, caption="edit")
+    controls = tmp_path / "controls"
+    for i in range(6):
+        write_image(controls / f"img_{i:03d}.png", (64, 64) if i % 2 else (128, 64))
+    cfg = make_cfg("data=folder", "data.num_workers=0", "data.resolution=64", "data.buckets.enabled=false",
+                   f"data.path={images}", f"data.control_path={controls}", "data.control_resize=keep")
+    dm = FluxDataModule(cfg.data, cache_dir=tmp_path / "cache", val_split=4)
+    dm.scan()
+    dm.build_cache(FakeEncoder(), "enc")
+    plan = dm.validation_plan(batch_size=4)
+    assert sum(len(b) for b in plan) == 4
+    for batch in plan:
+        assert len({dm.val_entries[i].control_bucket for i in batch}) == 1
+        assert dm.validation_batch(batch)["control"].shape[0] == len(batch)
