@@ -16,7 +16,7 @@ from fluxlora.heartbeat import in_stage
 log = logging.getLogger(__name__)
 
 _HUB_IDS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell",
-            "chroma": "lodestones/Chroma1-HD"}
+            "chroma": "lodestones/Chroma1-HD", "kontext": "black-forest-labs/FLUX.1-Kontext-dev"}
 
 
 class ModelCard(L.Callback):
@@ -39,7 +39,8 @@ class ModelCard(L.Callback):
     """
 
     def __init__(self, output_dir: str, name: str, base_model: Optional[str] = None, trigger_word: str = "",
-                 settings: Optional[dict] = None, lora_format: str = "kohya") -> None:
+                 settings: Optional[dict] = None, lora_format: str = "kohya",
+                 model_variant: Optional[str] = None) -> None:
         super().__init__()
         if not name:
             raise ValueError("name must be a non-empty string")
@@ -51,6 +52,7 @@ class ModelCard(L.Callback):
         self._trigger = str(trigger_word or "")
         self._settings = dict(settings or {})
         self._format = lora_format
+        self._kontext = model_variant == "kontext"  # Kontext's keys are dev's: only the config tells it
         self.written: Path | None = None
 
     def add_settings(self, **values: Any) -> None:
@@ -61,7 +63,7 @@ class ModelCard(L.Callback):
         """The card's Markdown for a FLUX.1-`variant` base model after `steps` optimizer steps."""
         base_id = _HUB_IDS.get(variant, _HUB_IDS["dev"])
         where = f" (`{self._base}`)" if self._base else " (the embedded tiny random-weight model)"
-        family = "Chroma" if variant == "chroma" else f"FLUX.1-{variant}"
+        family = {"chroma": "Chroma", "kontext": "FLUX.1-Kontext-dev"}.get(variant, f"FLUX.1-{variant}")
         base = f"{family}{where}"
         lora = f"{self._name}.safetensors"
         lines = ["---"] + ([f"base_model: {base_id}"] if self._base else []) + [
@@ -77,14 +79,16 @@ class ModelCard(L.Callback):
             lines += ["## Samples", "", f"![samples at the end of training]({grid.as_posix()})", ""]
         lines += ["## Settings", "", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in self._settings.items()]
-        pipeline = "ChromaPipeline" if variant == "chroma" else "FluxPipeline"
-        steps_g = {"dev": (28, 3.5), "chroma": (35, 5.0)}.get(variant, (4, 0.0))
+        pipeline = {"chroma": "ChromaPipeline", "kontext": "FluxKontextPipeline"}.get(variant, "FluxPipeline")
+        steps_g = {"dev": (28, 3.5), "chroma": (35, 5.0), "kontext": (28, 2.5)}.get(variant, (4, 0.0))
+        image = 'image=load_image("before.png"), ' if variant == "kontext" else ""
         lines += ["", "## How to load", "", "diffusers:", "", "```python", "import torch",
                   f"from diffusers import {pipeline}", "",
                   f'pipe = {pipeline}.from_pretrained("{base_id}", torch_dtype=torch.bfloat16).to("cuda")',
                   '# (or from_pretrained("<your local diffusers folder>", ...))',
                   f'pipe.load_lora_weights(".", weight_name="{lora}")',
-                  f'image = pipe("{self._trigger or "a photo"}", num_inference_steps='
+                  *(["from diffusers.utils import load_image"] if image else []),
+                  f'image = pipe({image}prompt="{self._trigger or "a photo"}", num_inference_steps='
                   f'{steps_g[0]}, guidance_scale={steps_g[1]}).images[0]',
                   "```", "", f"ComfyUI / Forge: copy `{lora}` into `models/loras/` and load it with a LoRA loader "
                   "(model only).", ""]
@@ -107,6 +111,8 @@ class ModelCard(L.Callback):
         variant = "dev" if getattr(pl_module, "has_guidance", True) else "schnell"
         if getattr(pl_module, "arch", "flux") == "chroma":
             variant = "chroma"
+        elif self._kontext:
+            variant = "kontext"
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / "README.md"
         with in_stage("model_card"):

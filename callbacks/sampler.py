@@ -135,6 +135,8 @@ class TimedSampler(L.Callback):
         mode: auto | thread | between_steps | off (see above).
         memory_margin_gb: GPU memory `auto` keeps free besides the sampling copy.
         cancel_wait_s: at the end of the run, how long a cancelled round may take to reach its next denoising step.
+        model_variant: `model.variant`; `kontext` renders with FluxKontextPipeline, and every prompt must then name
+            its control image (`--ci`), checked when the prompts are parsed here, before any model loads.
 
     Example::
 
@@ -145,7 +147,7 @@ class TimedSampler(L.Callback):
     def __init__(self, output_dir: str, name: str, prompts: Optional[list] = None, prompts_file: Optional[str] = None,
                  every_n_steps: int = 0, at_start: bool = False, at_end: bool = True, timeout_s: float = 600.0,
                  defaults: Optional[dict] = None, mode: str = "auto", memory_margin_gb: float = 2.0,
-                 cancel_wait_s: float = 30.0) -> None:
+                 cancel_wait_s: float = 30.0, model_variant: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
             raise ValueError(f"every_n_steps must be a non-negative int, got {every_n_steps!r}")
@@ -159,7 +161,8 @@ class TimedSampler(L.Callback):
             raise ValueError(f"cancel_wait_s must be a number >= 0, got {cancel_wait_s!r}")
         self._dir = Path(output_dir) / "sample"
         self._name = str(name)
-        self._prompts = load_prompts(list(prompts or []), prompts_file, dict(defaults or {}))
+        self._prompts = load_prompts(list(prompts or []), prompts_file, dict(defaults or {}),
+                                     kontext=model_variant == "kontext")
         self._every = every_n_steps
         self._at_start = bool(at_start)
         self._at_end = bool(at_end)

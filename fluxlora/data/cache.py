@@ -53,6 +53,8 @@ class CacheItem:
     """(width, height) the image is resized and cropped to."""
     captions: tuple[str, ...]
     """The caption variants to encode (the caption itself, then shuffles)."""
+    control_bucket: tuple[int, int] | None = None
+    """FLUX.1 Kontext: (width, height) the record's control image is encoded at (None: no control)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class CacheEntry:
     source: Path
     bucket: tuple[int, int] = (0, 0)
     variants: int = 1
+    control_bucket: tuple[int, int] | None = None
 
 
 class CacheEncoder(Protocol):
@@ -169,6 +172,9 @@ class LatentCache:
         _hash_file(h, item.record.path)
         h.update(json.dumps([FORMAT_VERSION, self.encoder_id, list(item.bucket), self.dtype,
                              list(item.captions)]).encode("utf-8"))
+        if item.control_bucket is not None:  # an edited control image (or its size) rebuilds the entry
+            _hash_file(h, item.record.control)
+            h.update(json.dumps(["control", list(item.control_bucket)]).encode("utf-8"))
         return h.hexdigest()
 
     def _item(self, item: CacheItem | ImageRecord) -> CacheItem:
@@ -206,7 +212,8 @@ class LatentCache:
         todo = self._check_existing(items, mine, keys, report)
         extra = [""] if empty_caption and rank == 0 and self._empty_caption_stale() else []
         self._encode_missing(items, todo, keys, as_cache_encoder(encode), batch_size, report, extra)
-        entries = [CacheEntry(self.file_for(it), it.record.path, it.bucket, len(it.captions)) for it in items]
+        entries = [CacheEntry(self.file_for(it), it.record.path, it.bucket, len(it.captions), it.control_bucket)
+                   for it in items]
         by_name = {entries[i].file.name: keys[i] for i in mine}
         if world_size > 1:
             announce_done(self.folder, rank, build_id, by_name)
@@ -226,6 +233,10 @@ class LatentCache:
             st = it.record.path.stat()
             h.update(json.dumps([str(it.record.path), st.st_size, st.st_mtime_ns, list(it.bucket),
                                  list(it.captions)]).encode("utf-8"))
+            if it.control_bucket is not None:
+                cs = it.record.control.stat()
+                h.update(json.dumps([str(it.record.control), cs.st_size, cs.st_mtime_ns,
+                                     list(it.control_bucket)]).encode("utf-8"))
         return h.hexdigest()
 
     def _remove_stale_temps(self, names: set[str]) -> None:
@@ -243,7 +254,8 @@ class LatentCache:
         for i in mine:
             item, file = items[i], self.file_for(items[i])
             keys[i] = self.content_key(item)
-            why = check_file(file, keys[i], len(item.captions), item.bucket, self.full_check, self.read_timeout)
+            why = check_file(file, keys[i], len(item.captions), item.bucket, self.full_check, self.read_timeout,
+                             control=item.control_bucket)
             reused += why is None
             report(reused)  # a heartbeat per file, also for the ones to rebuild
             if why is None:
@@ -267,12 +279,13 @@ class LatentCache:
         chunks = self._chunks(items, todo) or ([[]] if extra else [])
         for n, chunk in enumerate(chunks):
             latents = self._latents([items[i] for i in chunk], encoder, batch_size)
+            controls = self._latents([items[i] for i in chunk], encoder, batch_size, control=True)
             wanted = [c for i in chunk for c in items[i].captions] + (extra if n == 0 else [])
             captions = list(dict.fromkeys(wanted))
             texts = encoder.texts(captions)
             row = {c: j for j, c in enumerate(captions)}
-            for i, lat in zip(chunk, latents):
-                arrays = {"latents": lat}
+            for i, lat, ctl in zip(chunk, latents, controls):
+                arrays = {"latents": lat} if ctl is None else {"latents": lat, "control": ctl}
                 for v, caption in enumerate(items[i].captions):
                     for k in _TEXT_KEYS:
                         arrays[f"{k}_{v}"] = to_storage(texts[k][row[caption]], self.dtype)
@@ -303,23 +316,28 @@ class LatentCache:
             count += len(items[i].captions)
         return chunks
 
-    def _latents(self, chunk: list[CacheItem], encoder: CacheEncoder, batch_size: int | None) -> list[np.ndarray]:
+    def _latents(self, chunk: list[CacheItem], encoder: CacheEncoder, batch_size: int | None,
+                 control: bool = False) -> list[np.ndarray | None]:
         """Latents of `chunk` in the VAE's stage, as stored arrays in `chunk`'s order (it is bucket-sorted, so each
         bucket's batches run in turn). A batch that runs out of device memory is halved and tried again (down to one
-        image: then the error stands)."""
-        out: list[np.ndarray] = []
-        if not chunk:
-            return out
+        image: then the error stands). `control`: the latents of the items' control images instead (FLUX.1
+        Kontext), at their `control_bucket`; None for an item without one."""
+        out: dict[int, np.ndarray] = {}
+        size_of = (lambda it: it.control_bucket) if control else (lambda it: it.bucket)
+        todo = [(n, it) for n, it in enumerate(chunk) if size_of(it) is not None]
+        if not todo:
+            return [None] * len(chunk)
+        what = "control latents" if control else "latents"
         with _stage(encoder, "vae"):
-            for bucket in dict.fromkeys(it.bucket for it in chunk):
-                group = [it for it in chunk if it.bucket == bucket]
+            for bucket in dict.fromkeys(size_of(it) for _, it in todo):
+                group = [(n, it) for n, it in todo if size_of(it) == bucket]
                 size = batch_size or _auto_batch(encoder, "vae", bucket[0] * bucket[1])
-                log.info("caching: %d latents at %dx%d with the VAE, %d per batch", len(group), *bucket, size)
+                log.info("caching: %d %s at %dx%d with the VAE, %d per batch", len(group), what, *bucket, size)
                 start = 0
                 while start < len(group):
                     try:
-                        lat = encoder.images([load_image(it.record.path, it.bucket)
-                                              for it in group[start:start + size]])
+                        lat = encoder.images([load_image(it.record.control if control else it.record.path, bucket)
+                                              for _, it in group[start:start + size]])
                     except torch.OutOfMemoryError:
                         if size == 1:
                             raise
@@ -328,10 +346,11 @@ class LatentCache:
                                     size)
                         torch.cuda.empty_cache()
                         continue
-                    out.extend(to_storage(x, self.dtype) for x in lat)
+                    for (n, _), x in zip(group[start:start + len(lat)], lat):
+                        out[n] = to_storage(x, self.dtype)
                     start += len(lat)
-                    heartbeat("caching", f"VAE latents {start}/{len(group)} at {bucket[0]}x{bucket[1]}")
-        return out
+                    heartbeat("caching", f"VAE {what} {start}/{len(group)} at {bucket[0]}x{bucket[1]}")
+        return [out.get(n) for n in range(len(chunk))]
 
     def _write(self, file: Path, arrays: dict[str, np.ndarray], key: str, variants: int) -> None:
         write_sample(file, arrays, key, self.dtype, variants)

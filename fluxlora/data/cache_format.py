@@ -1,7 +1,7 @@
 """The file format of one cache entry: how tensors are stored, how one sample is read back (time-limited), and how
 a file is checked before it is trusted.
 
-Layout of one file: `latents` (C, h, w); per caption variant v: `t5_v` (L, D), `pooled_v` (P,), `t5_mask_v` (L,);
+Layout of one file: `latents` (C, h, w); with a control image (FLUX.1 Kontext) `control` (C, h', w'); per caption variant v: `t5_v` (L, D), `pooled_v` (P,), `t5_mask_v` (L,);
 `key` (the content key), `dtype` (bfloat16 is stored as its uint16 bit pattern: numpy has no bfloat16) and
 `variants`. The empty-caption file has the text arrays only. Arrays are stored uncompressed (`np.savez`), so a read
 is a plain copy, and each member's CRC is checked when it is read.
@@ -52,6 +52,8 @@ def read_sample(file: Path, variant: int = 0, seconds: float = 0, latents: bool 
     with bounded_read(file, seconds), np.load(file, allow_pickle=False) as z:
         dtype = str(z["dtype"])
         names = {"latents": "latents"} if latents else {}
+        if latents and "control" in z.files:
+            names["control"] = "control"
         if text:
             names.update(t5=f"t5_{variant}", pooled=f"pooled_{variant}", t5_mask=f"t5_mask_{variant}")
         return {k: from_storage(z[n], dtype) for k, n in names.items()}
@@ -79,7 +81,12 @@ def _inspect(file: Path, full: bool) -> tuple[str, dict[str, tuple[int, ...]]]:
         return key, {n: _header_shape(z.zip, n) for n in z.files}
 
 
-def _shape_problem(shapes: dict[str, tuple[int, ...]], variants: int, bucket: tuple[int, int] | None) -> str | None:
+def _shape_problem(shapes: dict[str, tuple[int, ...]], variants: int, bucket: tuple[int, int] | None,
+                   control: tuple[int, int] | None = None) -> str | None:
+    if control is not None:
+        c = shapes["control"]
+        if len(c) != 3 or c[1] == 0 or c[2] == 0 or control[0] * c[1] != control[1] * c[2] or control[0] % c[2]:
+            return f"control latents {c} do not fit the {control[0]}x{control[1]} control size"
     if bucket is not None:
         lat = shapes["latents"]
         if len(lat) != 3 or lat[1] == 0 or lat[2] == 0 or bucket[0] * lat[1] != bucket[1] * lat[2] \
@@ -96,8 +103,9 @@ def _shape_problem(shapes: dict[str, tuple[int, ...]], variants: int, bucket: tu
 
 
 def check_file(file: Path, key: str, variants: int, bucket: tuple[int, int] | None, full: bool = True,
-               seconds: float = 0) -> str | None:
+               seconds: float = 0, control: tuple[int, int] | None = None) -> str | None:
     """None when the file is complete and current, else why not ("absent", "stale ...", "unreadable ...").
+    `control`: the size the file's control latents were encoded at (FLUX.1 Kontext), None when it has none.
 
     A read that blocks raises `StageTimeoutError` (storage that hangs is not fixed by rewriting a file).
     """
@@ -114,10 +122,11 @@ def check_file(file: Path, key: str, variants: int, bucket: tuple[int, int] | No
             raise
         except Exception as e:  # a torn or corrupt zip fails in many ways (BadZipFile, ValueError, OSError, EOF...)
             return f"unreadable ({type(e).__name__}: {' '.join(str(e).split())})"
-    missing = sorted(sample_arrays(variants, bucket is not None) - shapes.keys())
+    missing = sorted(sample_arrays(variants, bucket is not None) - shapes.keys()) \
+        + (["control"] if control is not None and "control" not in shapes else [])
     if missing:
         return f"missing arrays {missing}"
     if found != key:
-        return "stale (image, caption, bucket or encoder changed)"
-    problem = _shape_problem(shapes, variants, bucket)
+        return "stale (image, control image, caption, bucket or encoder changed)"
+    problem = _shape_problem(shapes, variants, bucket, control)
     return f"wrong shapes: {problem}" if problem else None

@@ -16,6 +16,7 @@ import json
 import logging
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from typing_extensions import override
 from fluxlora.data.buckets import BucketBatchSampler, SampleKey
 from fluxlora.data.cache import CacheEntry, CacheItem, LatentCache
 from fluxlora.data.captions import caption_variants
+from fluxlora.data.controls import attach_controls
 from fluxlora.data.holdout import hold_out
 from fluxlora.data.images import ImageRecord, scan_subset
 from fluxlora.data.loader import CachedDataset, StageNamedDataLoader, seed_worker
@@ -113,22 +115,22 @@ class FluxDataModule(L.LightningDataModule):
         """Find the images and captions (generating the synthetic set for the embedded default)."""
         cfg = self.cfg
         if cfg.source == "synthetic":
-            folder = make_synthetic(self.synthetic_dir, count=int(cfg.count), size=int(cfg.resolution),
-                                    seed=self.seed, trigger=str(cfg.class_token or "sks"))
-            settings = data_settings(cfg, folder=folder)
+            controls = bool(cfg.get("controls", False))
+            folder = make_synthetic(self.synthetic_dir / "kontext" if controls else self.synthetic_dir,
+                                    count=int(cfg.count), size=int(cfg.resolution), seed=self.seed,
+                                    trigger=str(cfg.class_token or "sks"), controls=controls)
+            node = _Overridden(cfg, control_path=str(folder / "control")) if controls else cfg
+            settings = data_settings(node, folder=folder)
         elif cfg.source == "folder":
             settings = data_settings(cfg)
         else:
             raise FluxLoraError(f"data.source={cfg.source!r} is not one of synthetic, folder")
+        _check_pairing(settings)
         records, items = [], []
         for index, subset in enumerate(settings.subsets):
-            for rec in scan_subset(subset, index)[0]:
-                try:
-                    bucket = settings.buckets.bucket_for(rec.width, rec.height)
-                except FluxLoraError as e:
-                    raise FluxLoraError(f"image {rec.path}: {e}") from None
+            for rec in attach_controls(scan_subset(subset, index)[0], subset):
                 records.append(rec)
-                items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, settings.caption_variants)))
+                items.append(_cache_item(rec, subset, settings))
         cache_batch_size(cfg.get("cache_batch_size", "auto"))  # a bad value fails before any model loads
         self.settings = settings
         self.records, self.items, self.val_records, self.val_items = self._split_validation(records, items)
@@ -163,13 +165,20 @@ class FluxDataModule(L.LightningDataModule):
                 found = scan_subset(subset, index)[0]
             except FluxLoraError as e:
                 raise FluxLoraError(f"validation.path: {e}") from None
+            try:
+                found = attach_controls(found, subset)
+            except FluxLoraError as e:
+                raise FluxLoraError(f"validation.path: {e}") from None
+            if self.settings.paired != (subset.control_dir is not None):
+                raise FluxLoraError(f"validation.path={self.val_path}: the training images are "
+                                    f"{'' if self.settings.paired else 'not '}paired with control images, so these "
+                                    f"must {'' if self.settings.paired else 'not '}be (data.control_path / "
+                                    "control_directory)")
             for rec in found:
-                try:
-                    bucket = buckets.bucket_for(rec.width, rec.height)
-                except FluxLoraError as e:
-                    raise FluxLoraError(f"validation image {rec.path}: {e}") from None
                 records.append(rec)
-                items.append(CacheItem(rec, bucket, caption_variants(rec.caption, subset, vs.caption_variants)))
+                items.append(_cache_item(rec, subset, replace(vs, buckets=buckets,
+                                                              control_resize=self.settings.control_resize),
+                                         "validation image"))
         trained = {r.path.resolve() for r in train}
         both = [r for r in records if r.path.resolve() in trained]
         if both:
@@ -233,9 +242,12 @@ class FluxDataModule(L.LightningDataModule):
         size = int(batch_size or self.settings.batch_size)
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
-        order = sorted(range(len(self.val_entries)), key=lambda i: (self.val_entries[i].bucket, i))
+        def sizes(i: int) -> tuple:  # a batch holds one target size, and one control size
+            return self.val_entries[i].bucket + (self.val_entries[i].control_bucket or ())
+
+        order = sorted(range(len(self.val_entries)), key=lambda i: (sizes(i), i))
         batches: list[list[int]] = []
-        for _, group in itertools.groupby(order, key=lambda i: self.val_entries[i].bucket):
+        for _, group in itertools.groupby(order, key=sizes):
             group = list(group)
             batches += [group[j:j + size] for j in range(0, len(group), size)]
         return batches[rank::world_size]
@@ -247,13 +259,19 @@ class FluxDataModule(L.LightningDataModule):
         return default_collate([dataset[SampleKey(i, 0, False)] for i in indices])
 
     @property
+    def paired(self) -> bool:
+        """Whether every image has a control image (FLUX.1 Kontext): the batches then carry `control` latents."""
+        return bool(self.settings and self.settings.paired)
+
+    @property
     def read_timeout(self) -> float:
         return float(self.cfg.get("read_timeout", 30))
 
     def make_sampler(self) -> BucketBatchSampler:
         subsets = self.settings.subsets
+        # with controls kept at their own size the control's bucket is part of the key: a batch stacks both
         return BucketBatchSampler(
-            [it.bucket for it in self.items], batch_size=self.settings.batch_size, seed=self.seed,
+            [it.bucket + (it.control_bucket or ()) for it in self.items], batch_size=self.settings.batch_size, seed=self.seed,
             repeats=[subsets[r.subset].num_repeats for r in self.records],
             variants=[len(it.captions) for it in self.items],
             dropout=[subsets[r.subset].caption_dropout_rate for r in self.records],
@@ -348,6 +366,40 @@ class FluxDataModule(L.LightningDataModule):
         self.sampler.resume_at(epoch, done)
         self._resume = None
         log.info("data resumes at epoch %d, batch %d of %d", epoch, done, len(self.sampler))
+
+
+def _check_pairing(settings: DataSettings) -> None:
+    """A dataset is paired throughout or not at all: a batch cannot stack items with and without control latents."""
+    if settings.paired and any(s.control_dir is None for s in settings.subsets):
+        lone = next(s for s in settings.subsets if s.control_dir is None)
+        raise FluxLoraError(f"subset {lone.image_dir} has no control folder but others do: every subset of a "
+                            "paired (Kontext) dataset needs one (data.control_path, subsets[i].control_path or "
+                            "control_directory)")
+
+
+def _cache_item(rec: ImageRecord, subset: Any, settings: DataSettings, what: str = "image") -> CacheItem:
+    """What one record is cached as: its bucket, caption variants and, paired, its control's size (the target's
+    bucket, or with `control_resize: keep` the bucket of the control's own size)."""
+    try:
+        bucket = settings.buckets.bucket_for(rec.width, rec.height)
+    except FluxLoraError as e:
+        raise FluxLoraError(f"{what} {rec.path}: {e}") from None
+    control = None
+    if rec.control is not None:
+        control = bucket
+        if settings.control_resize == "keep":
+            try:
+                control = keep_size(settings, rec.control_width, rec.control_height)
+            except FluxLoraError as e:
+                raise FluxLoraError(f"control image {rec.control}: {e}") from None
+    return CacheItem(rec, bucket, caption_variants(rec.caption, subset, settings.caption_variants), control)
+
+
+def keep_size(settings: DataSettings, width: int, height: int) -> tuple[int, int]:
+    """`control_resize: keep`: a control image at its own aspect ratio and size, scaled down only to the bucket area
+    (a large control cannot multiply the sequence length) and to sides that are multiples of 16 (Flux's packing)."""
+    b = settings.buckets
+    return replace(b, enabled=True, upscale=False, step=16, min_size=16).bucket_for(width, height)
 
 
 def _names(records: list[ImageRecord], most: int = 5) -> str:

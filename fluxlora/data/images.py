@@ -38,6 +38,12 @@ class ImageRecord:
     """Height after EXIF orientation (0 = not read)."""
     subset: int = 0
     """Index of the subset (folder) it came from."""
+    control: Path | None = None
+    """FLUX.1 Kontext: its control ("before") image, same stem in the subset's control folder (None: unpaired)."""
+    control_width: int = 0
+    """The control's width after EXIF orientation (0 = no control)."""
+    control_height: int = 0
+    """The control's height after EXIF orientation (0 = no control)."""
 
 
 def read_caption(path: Path) -> str:

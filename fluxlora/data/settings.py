@@ -32,7 +32,10 @@ _UNSUPPORTED_TOML_KEYS = {
     "cache_info", "network_multiplier", "custom_attributes", "resize_interpolation", "validation_seed",
     "validation_split",
 }
-_SUBSET_TOML_KEYS = {"image_dir", "class_tokens", "num_repeats", "caption_extension", "keep_tokens", "shuffle_caption",
+CONTROL_RESIZE = ("bucket", "keep")
+"""`data.control_resize`: how a control image is sized (see `DataSettings.control_resize`)."""
+_SUBSET_TOML_KEYS = {"image_dir", "control_directory", "class_tokens", "num_repeats", "caption_extension",
+                     "keep_tokens", "shuffle_caption",
                      "caption_dropout_rate", "caption_prefix", "caption_suffix", "caption_separator", "name"}
 _DATASET_TOML_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                       "bucket_reso_steps", "bucket_no_upscale", "subsets"}
@@ -64,6 +67,9 @@ class Subset:
     """Text put after every caption."""
     caption_separator: str = ","
     """What separates the tokens of a caption for `keep_tokens` and shuffling."""
+    control_dir: Path | None = None
+    """FLUX.1 Kontext: the folder of control ("before") images, one per image with the same stem (`data.control_path`,
+    or `control_directory` in a dataset.toml, musubi-tuner's name); None = no controls."""
 
     def __post_init__(self) -> None:
         where = f"subset {self.image_dir}"
@@ -91,6 +97,15 @@ class DataSettings:
     """Shuffled captions encoded per image for subsets with `shuffle_caption` (text outputs are cached)."""
     source: str = ""
     """Where the settings came from (a folder, a dataset.toml) for messages."""
+    control_resize: str = "bucket"
+    """Control images: `bucket` = resized and cropped to their target's bucket (one token grid for both, what
+    FluxKontextPipeline does when it renders at the control's size) | `keep` = bucketed by their own size (a batch
+    then holds only items whose control sizes agree too)."""
+
+    @property
+    def paired(self) -> bool:
+        """Whether the subsets carry control images (FLUX.1 Kontext)."""
+        return any(s.control_dir is not None for s in self.subsets)
 
 
 def _toml_bool(v: Any, key: str, where: Path) -> bool:
@@ -123,6 +138,9 @@ def _subset_from_toml(node: dict, inherited: dict, base: Path, toml_path: Path) 
     if not image_dir.is_absolute():
         image_dir = base / image_dir  # sd-scripts resolves against the working folder; the toml's folder is safer
     kw: dict[str, Any] = {"image_dir": image_dir, "prepend_class_token": False}
+    if values.get("control_directory"):
+        control = Path(str(values["control_directory"])).expanduser()
+        kw["control_dir"] = control if control.is_absolute() else base / control
     if "class_tokens" in values:
         kw["class_token"] = str(values["class_tokens"])
     for key in ("num_repeats", "keep_tokens"):
@@ -229,11 +247,14 @@ def _subset_from_config(node: Any, top: Any, where: str, path: Any = None) -> Su
         path = node.get("path")
     if path in (None, "", "???"):
         raise FluxLoraError(f"{where} needs a path (a folder of images with captions, or a dataset.toml)")
-    known = {f.name for f in fields(Subset)} | {"path"}
+    known = {f.name for f in fields(Subset)} | {"path", "control_path"}
     unknown = sorted(set(node or {}) - known)
     if unknown:
-        raise FluxLoraError(f"{where}: unknown key(s) {unknown}; known: {sorted(known - {'image_dir'})}")
+        raise FluxLoraError(f"{where}: unknown key(s) {unknown}; "
+                            f"known: {sorted(known - {'image_dir', 'control_dir'})}")
+    control = node.get("control_path") if node is not None else top.get("control_path")
     return Subset(
+        control_dir=Path(str(control)).expanduser() if control not in (None, "") else None,
         image_dir=Path(str(path)).expanduser(), class_token=str(get("class_token", "") or ""),
         prepend_class_token=bool(get("prepend_class_token", True)), num_repeats=int(get("num_repeats", 1)),
         caption_extension=str(get("caption_extension", ".txt")), keep_tokens=int(get("keep_tokens", 0)),
@@ -257,9 +278,12 @@ def data_settings(cfg: Any, folder: str | Path | None = None) -> DataSettings:
                              min_size=int(b.get("min_size", 256)), max_size=int(b.get("max_size", 1024)),
                              step=int(b.get("step", 64)), upscale=bool(b.get("upscale", False)))
     base = DataSettings(subsets=(), buckets=buckets, batch_size=int(cfg.get("batch_size", 1)),
-                        caption_variants=int(cfg.get("caption_variants", 8)))
+                        caption_variants=int(cfg.get("caption_variants", 8)),
+                        control_resize=str(cfg.get("control_resize", "bucket")))
     if base.batch_size < 1 or base.caption_variants < 1:
         raise FluxLoraError("data.batch_size and data.caption_variants must be >= 1")
+    if base.control_resize not in CONTROL_RESIZE:
+        raise FluxLoraError(f"data.control_resize={base.control_resize!r} is not one of {', '.join(CONTROL_RESIZE)}")
     path = str(folder) if folder is not None else cfg.get("path")
     if path not in (None, "", "???") and str(path).lower().endswith(".toml"):
         settings = parse_dataset_toml(path, base)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fluxlora.errors import FluxLoraError
+from fluxlora.models.kontext import is_kontext
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class FluxComponents:
     text_encoder_lora: Any = None
     """`fluxlora.lora.text_encoder.TextEncoderLora` applied to the text encoders (frozen, sd-scripts' lora_te1_/
     lora_te3_ layers of `lora.init_from`), or None; set with `use_text_encoder_lora`."""
+    kontext: bool = False
+    """FLUX.1 Kontext [dev] (`fluxlora.models.kontext`): trains on paired images and samples with
+    FluxKontextPipeline from a control image; its weights are laid out as FLUX.1-dev's."""
 
     @property
     def has_guidance(self) -> bool:
@@ -198,12 +202,14 @@ def load_flux_components(model_cfg: Any, storage: str = "none", defer_transforme
         from fluxlora.models import tiny
         from fluxlora.models.text_encoders import store_t5_fp8
 
+        kontext = is_kontext(model_cfg)
         parts = tiny.build(seed=int(model_cfg.get("seed", 0)), t5_max_length=int(model_cfg.t5_max_length))
         kept = "fp8" if t5_storage == "fp8" else "full"
         if kept == "fp8":
             store_t5_fp8(parts["text_encoder_2"], next(parts["text_encoder_2"].parameters()).dtype)
-        return FluxComponents(**parts, name="fluxlora-tiny", fingerprint={"tiny_seed": int(model_cfg.get("seed", 0))},
-                              t5_storage=kept)
+        return FluxComponents(**parts, name="fluxlora-tiny-kontext" if kontext else "fluxlora-tiny",
+                              fingerprint={"tiny_seed": int(model_cfg.get("seed", 0))}, t5_storage=kept,
+                              kontext=kontext)
     if source not in ("auto", "diffusers", "single_file"):
         raise FluxLoraError(f"model.source={source!r} is not one of tiny, auto")
     from fluxlora.models.layout import resolve_files
@@ -215,11 +221,16 @@ def load_flux_components(model_cfg: Any, storage: str = "none", defer_transforme
 
     t0 = time.monotonic()
     files = resolve_files(model_cfg)
+
+    kontext = is_kontext(model_cfg, files.root)  # the preset or model_index.json: the keys are dev's
     dtype = resolve_dtype(model_cfg.get("dtype"))
     guidance = bool(inspect_transformer(files.transformer).get("guidance_embeds"))
     variant = "dev" if guidance else "schnell"
+    if kontext and not guidance:
+        raise FluxLoraError(f"model.variant=kontext but {files.transformer} has no guidance embedding (FLUX.1-schnell "
+                            "layout); FLUX.1 Kontext [dev] has dev's")
     preset = str(model_cfg.get("preset", ""))
-    if preset.startswith("flux-") and preset != f"flux-{variant}":
+    if preset.startswith("flux-") and preset != f"flux-{variant}" and not kontext:
         log.warning("model=%s but %s is FLUX.1-%s (guidance embedding %s)", preset, files.transformer, variant,
                     "present" if guidance else "absent")
     tok, tok2 = load_tokenizers(model_cfg.get("tokenizer_path"), model_cfg.get("tokenizer_2_path"), files.root,
@@ -241,11 +252,12 @@ def load_flux_components(model_cfg: Any, storage: str = "none", defer_transforme
         name=files.root.name if files.root else files.transformer.stem,
         fingerprint={p: _fingerprint(getattr(files, p)) for p in ("transformer", "vae", "clip_l", "t5xxl")},
         guidance=guidance, transformer_loader=read_transformer if defer_transformer else None,
-        encoder_loaders=loaders, t5_storage=t5_kept,
+        encoder_loaders=loaders, t5_storage=t5_kept, kontext=kontext,
     )
     if not defer_encoders:
         comps.encoder("text_encoder")
         comps.encoder("text_encoder_2")
-    log.info("model %s (FLUX.1-%s) ready in %.1fs%s", comps.name, variant, time.monotonic() - t0,
+    log.info("model %s (FLUX.1-%s) ready in %.1fs%s", comps.name, "Kontext-dev" if kontext else variant,
+             time.monotonic() - t0,
              "; transformer deferred" if defer_transformer else "")
     return comps

@@ -32,7 +32,8 @@ class PartSearch:
 
 SEARCH = {
     "transformer": PartSearch("transformer", ("flux1-dev.safetensors", "flux1-dev.sft", "flux1-schnell.safetensors",
-                                              "flux1-schnell.sft"), "flux1*", ("", "unet", "diffusion_models")),
+                                              "flux1-schnell.sft", "flux1-kontext-dev.safetensors",
+                                              "flux1-kontext-dev.sft"), "flux1*", ("", "unet", "diffusion_models")),
     "vae": PartSearch("vae", ("ae.safetensors", "ae.sft"), "ae*", ("", "vae")),
     "clip_l": PartSearch("text_encoder", ("clip_l.safetensors", "clip_l.sft"), "clip_l*",
                          ("", "clip", "text_encoders")),
@@ -98,7 +99,9 @@ def resolve_files(model_cfg: Any) -> ModelFiles:
     if root is not None and not root.is_dir():
         raise FluxLoraError(f"model path {root} does not exist" if not root.exists()
                             else f"model path {root} is a file; give the folder that holds it, or model.transformer")
-    variant = "schnell" if "schnell" in str(model_cfg.get("preset", "")) else "dev"
+    preset = str(model_cfg.get("preset", ""))
+    # model=flux-schnell / flux-kontext prefer their own files where a ComfyUI folder holds several
+    variant = "schnell" if "schnell" in preset else "kontext" if "kontext" in preset else "dev"
     found, misses = {}, []
     for part in PARTS:
         if explicit[part]:

@@ -21,12 +21,13 @@ from fluxlora.errors import FluxLoraError
 
 log = logging.getLogger(__name__)
 
-_FLAG = re.compile(r"\s--([a-z])\s+")
+_FLAG = re.compile(r"\s--([a-z]|ci)\s+")
 
 
 @dataclass
 class SamplePrompt:
-    """One line of a kohya sample-prompts file: `prompt --w 512 --h 512 --d 42 --s 20 --g 3.5 --n negative`."""
+    """One line of a kohya sample-prompts file: `prompt --w 512 --h 512 --d 42 --s 20 --g 3.5 --n negative`, and
+    for FLUX.1 Kontext `--ci before.png` (musubi-tuner's flag: the control image the edit starts from)."""
 
     prompt: str
     width: int = 512
@@ -35,6 +36,8 @@ class SamplePrompt:
     steps: int = 20
     guidance: float = 3.5
     negative: str = ""
+    control_image: str | None = None
+    """`--ci`: the control image (FLUX.1 Kontext), resolved to an absolute path by `load_prompts`."""
     embeds: dict = field(default_factory=dict, repr=False)
 
 
@@ -58,14 +61,21 @@ def parse_prompt_line(line: str, defaults: dict | None = None) -> SamplePrompt:
                 sp.guidance = float(value)
             elif flag == "n":
                 sp.negative = value
+            elif flag == "ci":
+                sp.control_image = value
         except ValueError as e:
             raise FluxLoraError(f"sample prompt {line!r}: --{flag} {value!r} is not a number") from e
     return sp
 
 
-def load_prompts(lines: list[str] | None, file: str | None, defaults: dict) -> list[SamplePrompt]:
-    """Prompts from a kohya prompts file and/or a list; blank lines and `#` comments are skipped."""
-    labelled = [(f"sample.prompts[{i}]", x) for i, x in enumerate(lines or [])]
+def load_prompts(lines: list[str] | None, file: str | None, defaults: dict,
+                 kontext: bool = False) -> list[SamplePrompt]:
+    """Prompts from a kohya prompts file and/or a list; blank lines and `#` comments are skipped.
+
+    `kontext`: every prompt must name its control image with `--ci` (a relative path is read against the prompts
+    file's folder, or the working folder for `sample.prompts`); a missing flag or file is a one-line error now,
+    before any model loads. Without `kontext` a `--ci` is an error too (FluxPipeline has no control image)."""
+    labelled = [(f"sample.prompts[{i}]", x, Path.cwd()) for i, x in enumerate(lines or [])]
     if file:
         path = Path(file).expanduser()
         if not path.is_file():
@@ -74,15 +84,33 @@ def load_prompts(lines: list[str] | None, file: str | None, defaults: dict) -> l
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise FluxLoraError(f"sample.prompts_file {path} cannot be read: {e}") from None
-        labelled += [(f"sample.prompts_file {path} line {i + 1}", x) for i, x in enumerate(text.splitlines())]
+        labelled += [(f"sample.prompts_file {path} line {i + 1}", x, path.parent)
+                     for i, x in enumerate(text.splitlines())]
     prompts = []
-    for where, line in labelled:
+    for where, line, base in labelled:
         if line.strip() and not line.lstrip().startswith("#"):
             try:
-                prompts.append(parse_prompt_line(line, defaults))
+                prompts.append(_control_checked(parse_prompt_line(line, defaults), base, kontext))
             except FluxLoraError as e:
                 raise FluxLoraError(f"{where}: {e}") from None
     return prompts
+
+
+def _control_checked(sp: SamplePrompt, base: Path, kontext: bool) -> SamplePrompt:
+    """`sp` with its `--ci` resolved and checked against the model: Kontext needs one, other models take none."""
+    if not kontext:
+        if sp.control_image is not None:
+            raise FluxLoraError(f"--ci {sp.control_image}: a control image is for FLUX.1 Kontext "
+                                "(model=flux-kontext); this model samples from text alone")
+        return sp
+    if sp.control_image is None:
+        raise FluxLoraError("a FLUX.1 Kontext prompt needs its control image: add --ci <image>")
+    path = Path(sp.control_image).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise FluxLoraError(f"--ci {path} does not exist")
+    sp.control_image = str(path)
+    return sp
 
 
 class SampleRenderer:
@@ -124,6 +152,8 @@ class SampleRenderer:
                      "left)", prompt.width, prompt.height, tile)
         if self.chroma:
             return self._render_chroma(prompt, device, dtype, transformer, cancel)
+        if getattr(c, "kontext", False):
+            return self._render_kontext(prompt, device, dtype, transformer, cancel)
         pipe = FluxPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
                             tokenizer=c.tokenizer, text_encoder_2=None, tokenizer_2=c.tokenizer_2,
                             transformer=transformer if transformer is not None else c.transformer)
@@ -175,6 +205,41 @@ class SampleRenderer:
             num_inference_steps=prompt.steps, guidance_scale=prompt.guidance,
             generator=torch.Generator("cpu").manual_seed(prompt.seed), output_type="pil",
             callback_on_step_end=check_cancel,
+        )
+        return out.images[0]
+
+
+    def _render_kontext(self, prompt: SamplePrompt, device: torch.device, dtype: torch.dtype,
+                        transformer: torch.nn.Module | None, cancel: threading.Event | None) -> Image.Image:
+        """FluxKontextPipeline from the cached prompt encodings and the `--ci` control image, which the VAE encodes
+        here (the VAE is on the sampling device for the round). The control is resized and centre-cropped to the
+        sample's size, as `data.control_resize: bucket` trains, and the pipeline's own resizing is turned off: it
+        would snap to Kontext's ~1 MP resolutions (`_auto_resize`) and rescale the output to `max_area`."""
+        from diffusers import FluxKontextPipeline
+
+        from fluxlora.data.images import load_image
+
+        c = self.c
+        pipe = FluxKontextPipeline(scheduler=copy.deepcopy(c.scheduler), vae=c.vae, text_encoder=None,
+                                   tokenizer=c.tokenizer, text_encoder_2=None, tokenizer_2=c.tokenizer_2,
+                                   transformer=transformer if transformer is not None else c.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        align = pipe.vae_scale_factor * 2
+        height, width = max(align, prompt.height // align * align), max(align, prompt.width // align * align)
+        pixels = torch.from_numpy(load_image(Path(prompt.control_image), (width, height)))  # [-1, 1]
+        control = (pixels[None] + 1) / 2  # the pipeline's image processor takes [0, 1]
+
+        def check_cancel(_pipe, _step, _t, kwargs):
+            if cancel is not None and cancel.is_set():
+                raise SamplingCancelled("sampling cancelled")
+            return kwargs
+
+        out = pipe(
+            image=control, prompt_embeds=prompt.embeds["t5"].to(device, dtype),
+            pooled_prompt_embeds=prompt.embeds["pooled"].to(device, dtype), height=height, width=width,
+            max_area=height * width, _auto_resize=False, num_inference_steps=prompt.steps,
+            guidance_scale=prompt.guidance, generator=torch.Generator("cpu").manual_seed(prompt.seed),
+            output_type="pil", callback_on_step_end=check_cancel,
         )
         return out.images[0]
 

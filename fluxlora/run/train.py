@@ -131,7 +131,8 @@ def _train(job: Job) -> float | None:
                         seed=int(cfg.seed), rank=info.rank, world_size=info.world_size,  # each rank its share
                         val_split=val.split, val_path=val.path, val_seed=val.seed)
     records = dm.scan()
-    log.info("dataset: %d images", len(records))
+    log.info("dataset: %d images%s", len(records), " with control images (FLUX.1 Kontext)" if dm.paired else "")
+    _check_pairing(cfg, dm.paired)
     steps = total_optimizer_steps(cfg, dm.batches_per_epoch())  # buckets and num_repeats decide the epoch length
     callbacks = {"stage_clock": clock, **build_callbacks(cfg, prebuilt={"watchdog": job.watchdog})}  # clock first
     connect_callbacks(callbacks)
@@ -169,6 +170,19 @@ def _text_encoder_lora(settings: RunSettings):
         log.info("lora.init_from %s: text-encoder LoRA layers kept frozen (%s): applied while caching and to the "
                  "sample prompts, written back unchanged", te.path, te.summary())
     return te
+
+
+def _check_pairing(cfg: DictConfig, paired: bool) -> None:
+    """FLUX.1 Kontext trains on paired images and only Kontext does: either mismatch is an error before loading."""
+    kontext = cfg.model.get("variant") == "kontext"
+    if kontext and not paired:
+        raise FluxLoraError(f"model={cfg.model.get('preset')} (FLUX.1 Kontext) trains on paired images: set "
+                            "data.control_path=<folder of control images with the same stems> (or control_directory "
+                            "in the dataset.toml)")
+    if paired and not kontext:
+        raise FluxLoraError(f"the dataset has control images (data.control_path / control_directory), which only "
+                            f"FLUX.1 Kontext uses; model={cfg.model.get('preset')} would ignore them: use "
+                            "model=flux-kontext, or drop the control folder")
 
 
 def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageClock, te_lora: Any = None):

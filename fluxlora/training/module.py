@@ -14,6 +14,7 @@ import torch
 from typing_extensions import override
 
 from fluxlora.training import flow as fm
+from fluxlora.training import kontext
 from fluxlora.distributed.strategy import agree_max
 from fluxlora.errors import FluxLoraError
 from fluxlora.lora.init_from import inject_and_load
@@ -97,22 +98,28 @@ class FluxLoRAModule(L.LightningModule):
             sigma = sigma.to(self.device)
         xt = fm.noise_latents(x0, noise, sigma).to(self.compute_dtype)
         t5 = batch["t5"].to(self.device, self.compute_dtype)
+        if self.arch == "chroma" and "control" in batch:
+            raise FluxLoraError("control images (a Kontext dataset) cannot train Chroma: use model=flux-kontext")
         if self.arch == "chroma":  # T5 mask applied, no pooled CLIP, no guidance (fluxlora.models.chroma)
             from fluxlora.models.chroma import predict
 
             pred = predict(self.transformer, xt, t5, batch["t5_mask"], sigma, h, w, self.compute_dtype)
             return fm.flow_loss(pred, noise - x0, self.flow.loss, self.flow.huber_c)
         guidance = torch.full((b,), self.flow.guidance_scale, device=self.device) if self.has_guidance else None
+        tokens, ids = xt, fm.image_ids(h, w, device=self.device, dtype=self.compute_dtype)
+        if "control" in batch:  # FLUX.1 Kontext: the clean control tokens ride after the noisy target's
+            tokens, ids = kontext.append_control(tokens, ids, batch["control"].to(self.device))
         pred = self.transformer(
-            hidden_states=xt,
+            hidden_states=tokens,
             encoder_hidden_states=t5,
             pooled_projections=batch["pooled"].to(self.device, self.compute_dtype),
             timestep=sigma.to(self.compute_dtype),
-            img_ids=fm.image_ids(h, w, device=self.device, dtype=self.compute_dtype),
+            img_ids=ids,
             txt_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=self.compute_dtype),
             guidance=guidance,
             return_dict=False,
         )[0]
+        pred = kontext.target_part(pred, x0.shape[1])  # the loss scores the target's tokens only
         return fm.flow_loss(pred, noise - x0, self.flow.loss, self.flow.huber_c)
 
     @override
