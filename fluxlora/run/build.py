@@ -22,7 +22,7 @@ from fluxlora.perf.memory import apply_memory_settings, enable_block_swap
 from fluxlora.perf.speed import apply_speed_settings
 from fluxlora.perf.state import PerfState
 from fluxlora.run.loggers import run_loggers
-from fluxlora.run.resume import CheckpointLayout
+from fluxlora.run.resume import CheckpointLayout, base_model
 from fluxlora.run.settings import RunSettings, check_config
 from fluxlora.training.module import FluxLoRAModule
 
@@ -170,7 +170,7 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     perf = PerfState(checkpoint_every=apply_memory_settings(transformer, memory, compute_dtype, device))
     module = FluxLoRAModule(transformer, run.lora, run.flow, run.optim, total_steps=steps, compute_dtype=compute_dtype,
                             nonfinite=run.train.nonfinite, max_nonfinite_skips=run.train.max_nonfinite_skips,
-                            perf=perf)
+                            perf=perf, base_model=base_model(cfg))
     # installed before Lightning moves the module: the swapped weights stay on the host
     perf.swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
     try:

@@ -131,6 +131,26 @@ def plan_resume(resume: Any, folder: Path, owner: bool = True,
     return plan
 
 
+def base_model(cfg: Any) -> dict:
+    """The base model a run trains on, as its config names it (recorded in every checkpoint): the preset and the
+    files. A checkpoint of another base model is never resumed or called complete under the same run name."""
+    model = cfg.model
+    return {k: None if model.get(k) is None else str(model.get(k)) for k in ("preset", "path", "transformer")}
+
+
+def check_base_model(cfg: Any, path: Path, ckpt: dict) -> None:
+    """A FluxLoraError when checkpoint `path` was made on another base model than `cfg` names (one recorded by an
+    earlier version, without the record, passes)."""
+    recorded = (ckpt.get("fluxlora") or {}).get("base_model")
+    if not recorded or recorded == base_model(cfg):
+        return
+    then, now = (", ".join(f"model.{k}={v}" for k, v in d.items() if v is not None)
+                 for d in (recorded, base_model(cfg)))
+    raise FluxLoraError(f"resume={cfg.get('resume')}: checkpoint {path} was trained on another base model "
+                        f"({then}; this run: {now}); pass resume=null to start over (earlier checkpoints "
+                        "are moved aside) or use another name=")
+
+
 def _resume_value(resume: Any) -> Optional[str]:
     """`resume` as `auto` or a path; None for a fresh start (null, false, "none", "never", ...)."""
     value = None if resume is None or resume is False else str(resume)
@@ -191,6 +211,7 @@ def resume_plan(cfg: Any, module: Any, folder: Path, layout: Optional[Checkpoint
     plan = plan_resume(cfg.get("resume"), folder, owner, layout)
     if plan.path is None:
         return plan
+    check_base_model(cfg, plan.path, plan.checkpoint)
     why = incompatibility(plan.checkpoint, module.state_dict())
     if why:
         raise FluxLoraError(f"resume={cfg.get('resume')}: checkpoint {plan.path} was made for other LoRA layers "
@@ -212,6 +233,7 @@ def finished_run(cfg: Any, lora: LoraSettings, folder: Path, layout: Optional[Ch
         ckpt, _ = load_checked(path)
         if ckpt is None:
             continue  # not this one: the full check reports it
+        check_base_model(cfg, path, ckpt)  # before loading: a run name reused for another model is a config mistake
         plan = ResumePlan(path, ckpt, run_key=layout.RUN_KEY)
         recorded = (ckpt.get("fluxlora") or {}).get("lora")
         try:

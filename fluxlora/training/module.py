@@ -56,7 +56,8 @@ class FluxLoRAModule(L.LightningModule):
 
     def __init__(self, transformer: torch.nn.Module, lora: LoraSettings, flow: fm.FlowConfig, optim: Any,
                  total_steps: int, compute_dtype: torch.dtype = torch.float32, nonfinite: str = "stop",
-                 max_nonfinite_skips: int = 10, check_finite: bool = True, perf: PerfState | None = None) -> None:
+                 max_nonfinite_skips: int = 10, check_finite: bool = True, perf: PerfState | None = None,
+                 base_model: dict | None = None) -> None:
         super().__init__()
         if nonfinite not in NONFINITE:
             raise ValueError(f"train.nonfinite={nonfinite!r} is not one of {NONFINITE}")
@@ -71,6 +72,7 @@ class FluxLoRAModule(L.LightningModule):
         self.nonfinite_skips = 0
         self.check_finite = bool(check_finite)
         self.perf = perf if perf is not None else PerfState()
+        self.base_model = dict(base_model or {})  # recorded in checkpoints: a resume onto another model is refused
         self._nonfinite: torch.Tensor | None = None  # device flag: any non-finite loss since the last step
         self._pending_files: list[str] = []
         self.adapted = inject_and_load(transformer, lora)
@@ -217,7 +219,7 @@ class FluxLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the LoRA settings let a re-run tell "already complete" before any model is loaded (fluxlora.run.resume)
         checkpoint["fluxlora"] = {"nonfinite_skips": self.nonfinite_skips, "adapted": self.adapted,
-                                  "lora": dataclasses.asdict(self.lora_settings)}
+                                  "lora": dataclasses.asdict(self.lora_settings), "base_model": self.base_model}
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -245,7 +245,7 @@ def test_tiny_chroma_demo_trains_samples_and_writes_its_lora(make_cfg):
     cfg = make_cfg("model=tiny-chroma", "trainer.max_epochs=4")
     last = run(cfg)
     out = Path(cfg.output.dir)
-    lora = out / "flux-lora.safetensors"
+    lora = out / f"{cfg.name}.safetensors"
     assert isinstance(last, float) and lora.is_file() and list((out / "sample").glob("*_grid.png"))
     with safe_open(str(lora), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

@@ -177,7 +177,7 @@ def test_tiny_kontext_demo_trains_samples_and_writes_its_lora(make_cfg):
     cfg = make_cfg("model=tiny-kontext", "trainer.max_epochs=4")
     last = run(cfg)
     out = Path(cfg.output.dir)
-    assert isinstance(last, float) and (out / "flux-lora.safetensors").is_file()
+    assert isinstance(last, float) and (out / f"{cfg.name}.safetensors").is_file()
     assert list((out / "sample").glob("*_grid.png"))
     assert len(list((out / "synthetic" / "kontext" / "control").glob("*.png"))) == 8
     card = (out / "README.md").read_text()
