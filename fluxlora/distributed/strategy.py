@@ -286,14 +286,7 @@ def agree_max(trainer: Any, values: list[float]) -> list[float]:
 
     How ranks agree on a decision one of them may have made alone: a signal received, a non-finite loss.
     """
-    import torch.distributed as dist
-
-    if trainer is None or trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64 if trainer.strategy.root_device.type == "cpu" else torch.float32,
-                     device=trainer.strategy.root_device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return _all_reduce(trainer, values, "MAX")
 
 
 def agree_sum(trainer: Any, values: list[float]) -> list[float]:
@@ -301,11 +294,15 @@ def agree_sum(trainer: Any, values: list[float]) -> list[float]:
 
     How ranks add up the parts of one result each computed for its own share (the validation loss).
     """
+    return _all_reduce(trainer, values, "SUM")
+
+
+def _all_reduce(trainer: Any, values: list[float], op: str) -> list[float]:
     import torch.distributed as dist
 
     if trainer is None or trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
         return list(values)
     t = torch.tensor(values, dtype=torch.float64 if trainer.strategy.root_device.type == "cpu" else torch.float32,
                      device=trainer.strategy.root_device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.tolist()

@@ -4,6 +4,7 @@ single-file text encoders), and inputs to compare a loaded model against its sou
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -107,3 +108,18 @@ def tiny_transformer(**overrides):
     with torch.random.fork_rng():
         torch.manual_seed(1)
         return FluxTransformer2DModel(**(tiny.TRANSFORMER | overrides)).eval()
+
+
+def sd_scripts_lora(model: torch.nn.Module, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """What sd-scripts' default Flux LoRA writes: one rank-R LoRA per BFL layer, fused ones included (full up)."""
+    g = torch.Generator().manual_seed(5)
+    out = {}
+    for key, w in bfl.diffusers_to_bfl(model.state_dict()).items():
+        m = re.match(r"(double|single)_blocks\.(\d+)\.(img_attn\.qkv|txt_attn\.qkv|img_attn\.proj|img_mlp\.0|"
+                     r"linear1|linear2|modulation\.lin)\.weight$", key)
+        if m:
+            stem = f"lora_unet_{m[1]}_blocks_{m[2]}_{m[3].replace('.', '_')}"
+            out[f"{stem}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.2
+            out[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.2
+            out[f"{stem}.alpha"] = torch.tensor(alpha)
+    return out

@@ -26,8 +26,7 @@ from fluxlora.lora.export import kohya_state_dict
 from fluxlora.lora.header import network_dim_alpha, training_metadata
 from fluxlora.lora.init_from import inject_and_load
 from fluxlora.lora.inject import ADAPTER, LoraSettings, inject, lora_layers
-from fluxlora.models import bfl
-from helpers.model_layouts import tiny_transformer
+from helpers.model_layouts import sd_scripts_lora, tiny_transformer
 
 RANK, ALPHA = 4, 2.0
 
@@ -242,21 +241,6 @@ def test_hashes_of_a_file_over_one_mib_are_sd_scripts(tmp_path):
 # --------------------------------------------------------------------------------- network dim / alpha
 
 
-def _sd_scripts_file(model: torch.nn.Module, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """sd-scripts' default Flux LoRA: one rank-R LoRA per BFL layer (fused qkv / linear1 included, full up)."""
-    g = torch.Generator().manual_seed(5)
-    out = {}
-    for key, w in bfl.diffusers_to_bfl(model.state_dict()).items():
-        m = re.match(r"(double|single)_blocks\.(\d+)\.(img_attn\.qkv|txt_attn\.qkv|img_attn\.proj|img_mlp\.0|"
-                     r"linear1|linear2|modulation\.lin)\.weight$", key)
-        if m:
-            stem = f"lora_unet_{m[1]}_blocks_{m[2]}_{m[3].replace('.', '_')}"
-            out[f"{stem}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.2
-            out[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.2
-            out[f"{stem}.alpha"] = torch.tensor(alpha)
-    return out
-
-
 def _layers_of(path) -> dict[str, tuple[int, float]]:
     """(rank, alpha) of each layer as sd-scripts' create_network_from_weights / ComfyUI read them."""
     sd = load_file(str(path))
@@ -280,7 +264,7 @@ def _common(layers: dict[str, tuple[int, float]]) -> tuple[int, float]:
 
 def test_reexported_sd_scripts_lora_header_names_the_files_layers(tmp_path):
     src = tmp_path / "sdscripts.safetensors"
-    save_file(_sd_scripts_file(tiny_transformer(), rank=3, alpha=1.5), str(src))
+    save_file(sd_scripts_lora(tiny_transformer(), rank=3, alpha=1.5), str(src))
     # lora.rank 8 / alpha 8: the file's layers keep rank 3 (its fused ones become block-diagonal 9 / 12 on export)
     settings = LoraSettings(rank=8, alpha=8, train_blocks="single", init_from=str(src))
     model = _trained(settings)

@@ -19,7 +19,7 @@ from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
 from fluxlora.lora.init_from import inject_and_load as inject
 from fluxlora.lora.inject import ADAPTER, LoraSettings, lora_layers
 from fluxlora.models import bfl
-from helpers.model_layouts import config_of, save_state, tiny_transformer, transformer_out
+from helpers.model_layouts import config_of, save_state, sd_scripts_lora, tiny_transformer, transformer_out
 
 RANK, ALPHA = 4, 2.0
 
@@ -58,21 +58,6 @@ def test_kohya_file_of_our_own_continues_exactly(tmp_path):
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
 
 
-def _sd_scripts_file(model: torch.nn.Module, rank: int, alpha: float) -> dict[str, torch.Tensor]:
-    """What sd-scripts' default Flux LoRA writes: one rank-R LoRA per BFL layer, fused ones included (full up)."""
-    g = torch.Generator().manual_seed(5)
-    out = {}
-    for key, w in bfl.diffusers_to_bfl(model.state_dict()).items():
-        m = re.match(r"(double|single)_blocks\.(\d+)\.(img_attn\.qkv|txt_attn\.qkv|img_attn\.proj|img_mlp\.0|"
-                     r"linear1|linear2|modulation\.lin)\.weight$", key)
-        if m:
-            stem = f"lora_unet_{m[1]}_blocks_{m[2]}_{m[3].replace('.', '_')}"
-            out[f"{stem}.lora_down.weight"] = torch.randn(rank, w.shape[1], generator=g) * 0.2
-            out[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], rank, generator=g) * 0.2
-            out[f"{stem}.alpha"] = torch.tensor(alpha)
-    return out
-
-
 def _merged(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
     """The base model with each kohya delta added to its BFL weight, then converted back to diffusers."""
     state = bfl.diffusers_to_bfl(model.state_dict())
@@ -88,7 +73,7 @@ def _merged(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
 
 def test_sd_scripts_fused_lora_maps_exactly_onto_split_layers(tmp_path):
     base = tiny_transformer()
-    lora = _sd_scripts_file(base, rank=3, alpha=1.5)
+    lora = sd_scripts_lora(base, rank=3, alpha=1.5)
     path = tmp_path / "sdscripts.safetensors"
     save_file(lora, str(path))
     model = _continued(path, rank=8, alpha=8)
