@@ -45,11 +45,19 @@ class SpeedSettings:
     `reduce-overhead` mode does): removes the host's per-kernel launch time, which bounds a Flux step at 512 px.
     Needs compiled blocks on CUDA, no block swapping (swapped weights get new addresses every step) and no
     torch.utils.checkpoint (checkpointing recomputes in the graph instead). `auto`: wherever it applies."""
+    attention: str = "auto"
+    """`cudnn`: attention through fluxlora's processor with cuDNN's SDPA, flash as the fallback
+    (`fluxlora.perf.attention`); `default`/`auto`: diffusers' processor (auto picks cuDNN once a device run shows it
+    matches and pays: not yet)."""
 
     def __post_init__(self) -> None:
         for name in ("compile_blocks", "recompute_in_graph", "cuda_graphs"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"speed.{name}={getattr(self, name)!r} is not one of true, false, auto")
+        from fluxlora.perf.attention import ATTENTION
+
+        if self.attention not in ATTENTION:
+            raise ValueError(f"speed.attention={self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.compile_scope not in ("blocks", "model"):
             raise ValueError(f"speed.compile_scope={self.compile_scope!r} is not one of blocks, model")
         if self.compile_mode and self.compile_options:
@@ -187,8 +195,10 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
     graph. `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
     `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set.
     """
+    from fluxlora.perf.attention import use_attention
     from fluxlora.perf.checkpointing import run_blocks_plainly
 
+    use_attention(transformer, settings.attention, device)  # before compiling: the processor is traced into blocks
     decided = plan(settings, device, base_storage, swapping, checkpoint_every, processes, budgeted)
     if not decided.compile:
         return decided
