@@ -2,10 +2,11 @@
 otherwise): block swapping trains the same LoRA as without it within bf16 tolerance, through the real CUDA backend
 (pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.run.train.run`.
 With fluxlora installed from a wheel rather than editable, run `python -P -m pytest` so the checkout's bare
-`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. The two tests added on
-2026-12-01 (the memory budget; staged encoders on a real device) have not run on a GPU yet. The other 7 passed on the
-H100 (2026-11-25, with `speed.recompute_in_graph` and `speed.cuda_graphs`): 6 in one device call, and the bare-loop
-swap test, whose check of what stays on the device was then corrected, in the next."""
+`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. On the H200 (2026-12-01, at
+8bd654b: issue 16's file moves, behaviour unchanged) 6 passed, the memory budget and staged-encoder tests among them,
+and the 3 that run a whole in-process `run()` on the GPU failed (`test_a_run_with_block_swap_writes_the_same_lora`, both
+`test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager`); their traceback was cut from the call's output, so the
+cause is not known yet. The 7 older ones passed on the H100 on 2026-11-25."""
 
 from __future__ import annotations
 
