@@ -245,6 +245,9 @@ def _fit(job: Job, module: Any, trainer: L.Trainer, dm: FluxDataModule, plan: Re
         trainer.fit(module, datamodule=dm, ckpt_path=str(plan.path) if plan.path else None)
     except SIGTERMException as e:  # Lightning's own SIGTERM path (our checkpoint callback was left out)
         raise RunInterrupted("stopped by SIGTERM", signal.SIGTERM) from e
+    if plan.path is not None and trainer.global_step == plan.global_step:  # resumed, and not one step more
+        log.warning("resumed at step %d and trained no further: trainer.max_epochs=%s is already reached; raise "
+                    "trainer.max_epochs to train on", plan.global_step, job.cfg.trainer.get("max_epochs"))
     swapper = module.perf.swapper
     if swapper is not None:
         log.info("block swap: %d block copies, %.1f GB host->GPU, %.2f s waited on copies", swapper.stats["loads"],

@@ -64,3 +64,11 @@ def test_resume_at_epoch_boundary_equals_uninterrupted_run(make_cfg, tmp_path, r
 
 def test_resume_mid_epoch_equals_uninterrupted_run(make_cfg, tmp_path, reference):
     _assert_equivalent(make_cfg, tmp_path, reference, at_step=6)  # half-way through epoch 2
+
+
+def test_a_resume_stopped_by_the_epoch_limit_says_so(make_cfg, caplog):
+    """More max_steps on a run whose max_epochs is already reached trains nothing: the run says why in one line."""
+    run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=-1", "~callbacks.sampler"))
+    caplog.set_level("WARNING")
+    run(make_cfg("trainer.max_epochs=1", "trainer.max_steps=50", "~callbacks.sampler"))
+    assert any("trained no further: trainer.max_epochs=1 is already reached" in r.getMessage() for r in caplog.records)
