@@ -28,7 +28,6 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import torch
 
 from fluxlora.errors import FluxLoraError
 from fluxlora.models import bfl
-from fluxlora.models.files import CheckpointHeader, LoadTimer, assign_state, meta_model, read_header, read_tensors
+from fluxlora.models.files import CheckpointHeader, read_header
 
 log = logging.getLogger(__name__)
 
@@ -130,19 +129,12 @@ def save_chroma_bfl(path: str | Path, diffusers_state: dict[str, torch.Tensor], 
 # ---------------------------------------------------------------------------------------------------- the file
 
 
-@dataclass
-class ChromaLayout:
-    """A Chroma single file as its header describes it."""
-
-    prefix: str
-    keys: list[str]
-    config: dict
-    """The diffusers `ChromaTransformer2DModel` config, from the shapes."""
-    dtypes: set[str]
+class ChromaLayout(bfl.BflLayout):
+    """A Chroma single file as its header describes it (`config`: the diffusers `ChromaTransformer2DModel` one)."""
 
     @property
-    def hidden(self) -> int:
-        return self.config["num_attention_heads"] * self.config["attention_head_dim"]
+    def variant(self) -> str:
+        return "Chroma"
 
 
 def inspect_chroma(header: CheckpointHeader) -> ChromaLayout:
@@ -201,31 +193,10 @@ def load_transformer(source: str | Path, dtype: torch.dtype = torch.bfloat16, st
     Linears under `memory.base_storage=fp8`, as for Flux)."""
     from diffusers import ChromaTransformer2DModel
 
-    from fluxlora.models.transformer import _dtype_plan, inspect_transformer
+    from fluxlora.models.transformer import read_transformer
 
-    source = Path(source)
-    with LoadTimer("transformer (Chroma)", source):
-        state = {}
-        if source.is_dir():
-            config = inspect_transformer(source)
-            files = sorted(p for p in source.glob("*.safetensors") if not p.name.startswith("."))
-            if not files:
-                raise FluxLoraError(f"transformer folder {source} holds no .safetensors weights")
-            model = meta_model(lambda: ChromaTransformer2DModel(**config))
-            plan = _dtype_plan(model, dtype, storage)
-            for f in files:
-                state.update((k, t.to(plan(k))) for k, t in read_tensors(f, read_header(f).shapes, device))
-        else:
-            layout = inspect_chroma(read_header(source))
-            log.info("%s: Chroma, %d double + %d single blocks, stored as %s", source.name,
-                     layout.config["num_layers"], layout.config["num_single_layers"], "/".join(sorted(layout.dtypes)))
-            model = meta_model(lambda: ChromaTransformer2DModel(**layout.config))
-            plan = _dtype_plan(model, dtype, storage)
-            for key, t in read_tensors(source, layout.keys, device):
-                for name, part in to_diffusers_tensor(key[len(layout.prefix):], t, layout.hidden):
-                    state[name] = part.to(plan(name))
-                del t
-        return assign_state(model, state, source, "Chroma transformer", device)
+    return read_transformer(source, ChromaTransformer2DModel, inspect_chroma, to_diffusers_tensor, dtype, storage,
+                            device, label="transformer (Chroma)", what="Chroma transformer")
 
 
 # ---------------------------------------------------------------------------------------------------- the step

@@ -54,27 +54,36 @@ def load_transformer(source: str | Path, dtype: torch.dtype = torch.bfloat16, st
     """
     from diffusers import FluxTransformer2DModel
 
+    return read_transformer(source, FluxTransformer2DModel, bfl.inspect_bfl, bfl.bfl_to_diffusers_tensor, dtype,
+                            storage, device)
+
+
+def read_transformer(source: str | Path, model_cls: type, inspect_file: Callable, convert: Callable,
+                     dtype: torch.dtype, storage: str, device: str | torch.device, label: str = "transformer",
+                     what: str = "Flux transformer") -> torch.nn.Module:
+    """A BFL-family transformer (FLUX.1, Chroma) of `model_cls`, from a diffusers folder or a BFL single file
+    (`inspect_file` reads its layout from the header, `convert` turns one BFL tensor into diffusers' tensors), built
+    on the meta device with each tensor read once into the dtype it is kept in; `label`/`what` name it in logs."""
     source = Path(source)
-    with LoadTimer("transformer", source):
+    with LoadTimer(label, source):
+        state = {}
         if source.is_dir():
             config = inspect_transformer(source)
             files = sorted(p for p in source.glob("*.safetensors") if not p.name.startswith("."))
             if not files:
                 raise FluxLoraError(f"transformer folder {source} holds no .safetensors weights")
-            model = meta_model(lambda: FluxTransformer2DModel(**config))
+            model = meta_model(lambda: model_cls(**config))
             plan = _dtype_plan(model, dtype, storage)
-            state = {}
             for f in files:
                 state.update((k, t.to(plan(k))) for k, t in read_tensors(f, read_header(f).shapes, device))
         else:
-            layout = bfl.inspect_bfl(read_header(source))
+            layout = inspect_file(read_header(source))
             log.info("%s: %s, %d double + %d single blocks, stored as %s", source.name, layout.variant,
                      layout.config["num_layers"], layout.config["num_single_layers"], "/".join(sorted(layout.dtypes)))
-            model = meta_model(lambda: FluxTransformer2DModel(**layout.config))
+            model = meta_model(lambda: model_cls(**layout.config))
             plan = _dtype_plan(model, dtype, storage)
-            state = {}
             for key, t in read_tensors(source, layout.keys, device):
-                for name, part in bfl.bfl_to_diffusers_tensor(key[len(layout.prefix):], t, layout.hidden):
+                for name, part in convert(key[len(layout.prefix):], t, layout.hidden):
                     state[name] = part.to(plan(name))
                 del t
-        return assign_state(model, state, source, "Flux transformer", device)
+        return assign_state(model, state, source, what, device)
