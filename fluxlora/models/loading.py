@@ -1,8 +1,8 @@
 """Which loader a `model` config group goes to: FLUX.1 (`components`) or Chroma (`chroma`), by `model.arch`.
 
 Its own module so that the two loaders stay independent of each other: Chroma's builds on the components, and the
-FLUX.1 loader's one Chroma concern (a Chroma file under a Flux preset) is answered here, with a message naming the
-preset to use.
+FLUX.1 loader's one Chroma concern (a Chroma folder under a Flux preset, which fails there for want of CLIP-L) is
+answered here, only once that load has failed, with a message naming the preset to use.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def load_components(model_cfg: Any, storage: str = "none", defer_transformer: bo
     args = (model_cfg, storage, defer_transformer, t5_storage, device_limit, defer_encoders)
     if arch == "chroma":
         return chroma.load_components(*args)
-    if model_cfg.source != "tiny":
-        hint = chroma.chroma_hint(model_cfg)  # a Chroma folder has no CLIP-L: without this that would be the error
-        if hint is not None:
-            raise FluxLoraError(hint)
-    return load_flux_components(*args)
+    try:
+        return load_flux_components(*args)
+    except FluxLoraError as e:  # a Chroma model under a Flux preset fails there (no CLIP-L, no modulation keys)
+        if model_cfg.source == "tiny" or "model=chroma" in str(e):  # the BFL reader names Chroma itself
+            raise
+        hint = chroma.chroma_hint(model_cfg)
+        if hint is None:
+            raise
+        raise FluxLoraError(f"{e}; {hint}") from None
