@@ -57,15 +57,12 @@ def vae_rows(device) -> list[dict]:
         rows.append({"what": "vae_decode", "w": w, "h": h, "batch": b, "peak_gib": used / GiB,
                      "bytes_per_pixel": used / (w * h * b), "s": s})
         if b == 1 and w * h >= 1024 * 1024:
-            from fluxlora.models.encode import fit_vae_decode
-
             vae.enable_tiling()
             vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
             used, s, _ = peak(lambda: vae.decode(lat).sample, device)
             rows.append({"what": "vae_decode_tiled512", "w": w, "h": h, "batch": b, "peak_gib": used / GiB,
                          "bytes_per_pixel": used / (w * h * b), "s": s})
             vae.disable_tiling()
-            del fit_vae_decode
     return rows
 
 

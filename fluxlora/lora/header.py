@@ -40,7 +40,6 @@ import math
 import random
 import time
 from collections import Counter
-from io import BytesIO
 from typing import Any, Optional
 
 import torch

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -29,6 +28,7 @@ from fluxlora.models import tiny
 from fluxlora.training import flow as fm
 from fluxlora.training.module import FluxLoRAModule
 from test_lora import _transformer_inputs
+from helpers.memory_helpers import OPTIM
 
 RANK, ALPHA = 4, 2  # alpha != rank: a loader that drops alpha/rank is off by a factor of 2
 
@@ -228,10 +228,8 @@ def test_each_type_trains_and_the_loss_falls(tmp_path, kind):
     g = torch.Generator().manual_seed(0)
     data = [{"latents": torch.randn(4, 8, 8, generator=g), "t5": torch.randn(7, 32, generator=g),
              "pooled": torch.randn(32, generator=g)} for _ in range(2)]
-    optim = OmegaConf.create({"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "betas": [0.9, 0.999],
-                              "eps": 1e-8, "kwargs": {}, "scheduler": "constant", "warmup_steps": 0})
     module = FluxLoRAModule(tiny.build()["transformer"], LoraSettings(type=kind, rank=RANK, alpha=ALPHA),
-                            fm.FlowConfig(), optim, total_steps=40)
+                            fm.FlowConfig(), OPTIM, total_steps=40)
     batch = {k: torch.stack([d[k] for d in data]) for k in data[0]}
     before = _eval_loss(module, batch)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=40, logger=False, enable_checkpointing=False,

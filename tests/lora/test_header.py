@@ -15,7 +15,6 @@ from collections import Counter
 from io import BytesIO
 from types import SimpleNamespace
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

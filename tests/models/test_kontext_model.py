@@ -23,6 +23,7 @@ from fluxlora.models.kontext import is_kontext
 from fluxlora.models.sampling import SamplePrompt, SampleRenderer
 from fluxlora.training import flow as fm
 from fluxlora.training.module import FluxLoRAModule
+from helpers.memory_helpers import OPTIM
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +32,7 @@ def parts():
 
 
 def _module(transformer) -> FluxLoRAModule:
-    optim = OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8,
-                              "kwargs": {}, "scheduler": "constant", "warmup_steps": 0})
+    optim = OmegaConf.merge(OPTIM, {"lr": 1e-3})
     return FluxLoRAModule(transformer, LoraSettings(rank=2, alpha=2), fm.FlowConfig(guidance_scale=1.0), optim, 10)
 
 
