@@ -139,7 +139,7 @@ def _train(job: Job) -> float | None:
     if val.enabled and callbacks.get("validation") is None:
         log.warning("validation.%s is set but callbacks.validation is off: the validation images are held out of "
                     "training and never scored", "split" if val.split else "path")
-    precision, _ = precision_for(cfg, job.device)
+    precision, compute_dtype = precision_for(cfg, job.device)
     record_run(callbacks, run_record(cfg, job.settings, job.name, dm.resolution, len(records), steps, precision))
 
     te_lora = _text_encoder_lora(job.settings)
@@ -149,7 +149,7 @@ def _train(job: Job) -> float | None:
     if callbacks.get("lora_saver") is not None:
         callbacks["lora_saver"].add_metadata(sd_model_name=comps.name, **(
             {"model_type": "chroma", "apply_t5_attn_mask": True} if comps.arch == "chroma" else {}))
-    built = _build(job, comps, callbacks, steps)
+    built = _build(job, comps, callbacks, steps, precision, compute_dtype)
     if built is None:
         return None
     module, trainer, plan = built
@@ -220,11 +220,11 @@ def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageCloc
     return comps
 
 
-def _build(job: Job, comps: Any, callbacks: dict, steps: int) -> Optional[tuple[Any, L.Trainer, ResumePlan]]:
+def _build(job: Job, comps: Any, callbacks: dict, steps: int, precision: str,
+           compute_dtype: torch.dtype) -> Optional[tuple[Any, L.Trainer, ResumePlan]]:
     """The LoRA module on the loaded transformer, the checkpoint to continue from, and the Trainer; None when that
-    checkpoint shows the run complete."""
+    checkpoint shows the run complete. `precision`, `compute_dtype`: `precision_for`'s."""
     cfg = job.cfg
-    precision, compute_dtype = precision_for(cfg, job.device)
     beat = job.watchdog.beat if job.watchdog is not None else None
     module, _ = build_module(cfg, comps.transformer, job.device, compute_dtype, steps, heartbeat=beat, run=job.settings)
     folder, layout = checkpoint_layout(cfg, job.out)
