@@ -33,3 +33,15 @@ def test_kontext_and_chroma_presets_name_their_own_runs(make_cfg):
     assert make_cfg("model=tiny-kontext").name == "kontext-lora"
     assert make_cfg("model=tiny-chroma").name == "chroma-lora"
     assert make_cfg().name == "flux-lora"
+
+
+@pytest.mark.slow
+def test_the_cli_names_the_other_base_model_in_one_line_and_exits_2(make_cfg, tmp_path):
+    from helpers.faults import fluxlora_cmd, run_cli
+
+    run(make_cfg(*FAST))  # outputs/flux-lora: a finished run on the tiny model
+    proc = run_cli(fluxlora_cmd(tmp_path, *FAST, "model=flux-dev", "model.path=/models/dev"), 240, tmp_path)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("fluxlora: error:")]
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert len(errors) == 1 and "trained on another base model (model.preset=tiny;" in errors[0], errors
+    assert "Traceback" not in proc.stdout and "loading model" not in proc.stdout
