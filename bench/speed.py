@@ -7,6 +7,7 @@ input gradients only) and, with --ref, the ratio to bench/ref_diffusers_step.py 
     python bench/speed.py --res 512 1024 --batch 1 --gc off on --compile 0 1 --ref
     python bench/speed.py --res 512 1024 --batch 1 2 4 --compile 1 --cudagraphs 0 1 --ref
     python bench/speed.py --res 512 1024 --compile 1 --cudagraphs 1 --storage fp8 --fp8-matmul 0 1 --ref
+    python bench/speed.py --res 512 1024 --compile 1 --cudagraphs 1 --attention default cudnn --ref
 
 Our step uses the run's own settings: `memory.gradient_checkpointing` (`--gc on`; recomputed inside the compiled
 blocks unless `--recompute torch`), `speed.cuda_graphs` (`--cudagraphs 1`), and the optimizer from
@@ -150,7 +151,7 @@ def kernel_split(key_averages) -> dict:
 def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, precision: str, steps: int,
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
-             fp8_matmul: bool = False, skip_module_guards: bool = False) -> dict:
+             fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default") -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -178,7 +179,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     decided = apply_speed_settings(
         transformer, SpeedSettings(compile_blocks=bool(compile_blocks), cuda_graphs=cuda_graphs,
                                    compile_scope="model" if compile_blocks == 2 else "blocks",
-                                   recompute_in_graph=recompute == "auto",
+                                   recompute_in_graph=recompute == "auto", attention=attention,
                                    compile_options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
                                    if skip_module_guards else None), perf.checkpoint_every, device="cuda")
     perf.cuda_graphs = decided.cuda_graphs
@@ -193,7 +194,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
                check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
                recompute=recompute_kind(transformer),
-               optimizer="foreach" if foreach else "fused", storage=storage, fp8_matmul=fp8_matmul,
+               optimizer="foreach" if foreach else "fused", storage=storage, fp8_matmul=fp8_matmul, attention=attention,
                skip_module_guards=skip_module_guards,
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
@@ -229,6 +230,8 @@ def main() -> None:
     ap.add_argument("--fp8-matmul", type=int, nargs="+", default=[0], help="memory.fp8_matmul (with --storage fp8)")
     ap.add_argument("--skip-module-guards", action="store_true",
                     help="compile with torch.compiler.skip_guard_on_all_nn_modules_unsafe (less guard time per call)")
+    ap.add_argument("--attention", nargs="+", default=["default"], choices=["default", "cudnn"],
+                    help="speed.attention of our step (cudnn: fluxlora's processor with cuDNN's SDPA)")
     ap.add_argument("--precision", default="bf16-true", choices=["bf16-true", "bf16-mixed"])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
@@ -265,18 +268,19 @@ def main() -> None:
         cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
     for res, batch in cells:
         for gc in args.gc:
-            for comp, graphs, mm in [(c, g, m) for c in args.compile for g in args.cudagraphs for m in args.fp8_matmul
-                                     if (c or not g) and (args.storage == "fp8" or not m)]:
+            for comp, graphs, mm, att in [(c, g, m, a) for c in args.compile for g in args.cudagraphs
+                                          for m in args.fp8_matmul for a in args.attention
+                                          if (c or not g) and (args.storage == "fp8" or not m)]:
                 transformer = build_transformer(args.layers)
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
                                  bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
-                                 args.skip_module_guards)
+                                 args.skip_module_guards, att)
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,
-                             cuda_graphs=bool(graphs), storage=args.storage, fp8_matmul=bool(mm),
+                             cuda_graphs=bool(graphs), storage=args.storage, fp8_matmul=bool(mm), attention=att,
                              error=f"{type(e).__name__}: {str(e)[:300]}")
                 for r in results:
                     same = r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on")

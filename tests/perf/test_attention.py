@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxlora.perf.attention import FluxSdpaProcessor, _ContiguousGrad, use_attention
+from fluxlora.perf.attention import FluxSdpaProcessor, _ContiguousGrad, resolve_attention, use_attention
 from fluxlora.perf.speed import SpeedSettings
 from fluxlora.training import flow as fm
 from helpers.model_layouts import tiny_transformer
@@ -42,11 +42,31 @@ def test_the_processor_matches_diffusers_forward_and_backward():
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
 
 
-def test_auto_and_default_keep_diffusers_processor():
+@pytest.mark.parametrize("capability, want", [((9, 0), "cudnn"), ((8, 9), "default"), ((8, 6), "default"),
+                                              ((10, 0), "default")])
+def test_auto_picks_cudnn_for_flux_on_hopper_only(monkeypatch, capability, want):
+    """cuDNN was measured (matching flash, faster) on the H200 only: auto takes it on compute capability 9.x."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    model = tiny_transformer()
+    assert resolve_attention("auto", model, "cuda") == want
+    assert resolve_attention("auto", model, "cpu") == "default"
+    assert resolve_attention("default", model, "cuda") == "default"
+    assert resolve_attention("cudnn", model, "cpu") == "cudnn"
+
+
+def test_auto_keeps_diffusers_processor_for_chroma_even_on_hopper(monkeypatch):
+    """Chroma passes its T5 mask into every attention: a case cuDNN was not run with."""
+    from fluxlora.models.chroma import build_tiny
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_attention("auto", build_tiny()["transformer"], "cuda") == "default"
+
+
+def test_default_keeps_diffusers_processor():
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     model = tiny_transformer()
-    assert use_attention(model, "auto", "cuda") == 0 and use_attention(model, "default", "cuda") == 0
+    assert use_attention(model, "default", "cuda") == 0 and use_attention(model, "auto", "cpu") == 0
     assert all(type(m.processor) is FluxAttnProcessor for m in model.modules() if hasattr(m, "processor"))
     with pytest.raises(ValueError, match="speed.attention='flash3' is not one of auto, default, cudnn"):
         SpeedSettings(attention="flash3")

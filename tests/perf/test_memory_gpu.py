@@ -2,11 +2,12 @@
 otherwise): block swapping trains the same LoRA as without it within bf16 tolerance, through the real CUDA backend
 (pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.run.train.run`.
 With fluxlora installed from a wheel rather than editable, run `python -P -m pytest` so the checkout's bare
-`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. On the H200 (2026-12-01, at
-8bd654b: issue 16's file moves, behaviour unchanged) 6 passed, the memory budget and staged-encoder tests among them,
-and the 3 that run a whole in-process `run()` on the GPU failed (`test_a_run_with_block_swap_writes_the_same_lora`, both
-`test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager`); their traceback was cut from the call's output, so the
-cause is not known yet. The 7 older ones passed on the H100 on 2026-11-25."""
+`fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. On the H200 (2026-12-01,
+seventh session) 8 of these passed, the whole-run block-swap test among them; both CUDA-graph whole runs failed with
+`CUDA driver error: invalid argument` from Inductor's static Triton launcher while it captured a backward graph of the
+tiny model (the full-size model captures and replays in bench/speed.py and bench/whole_run.py). With the static
+launcher off (`TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0`) the gc-off case passed alone; the test now turns it off
+itself (the gc-on case was not re-run: no device time left). The 7 older ones passed on the H100 on 2026-11-25."""
 
 from __future__ import annotations
 
@@ -122,11 +123,15 @@ def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
 
 
 @pytest.mark.parametrize("gc_on", [False, True])
-def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on):
+def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on, monkeypatch):
     """Compiled blocks replaying CUDA graphs (with checkpointing recomputed inside the graph when on) train the
     LoRA that eager blocks train, through the whole run (Lightning's loop, gradient clipping, fused AdamW)."""
+    from torch._inductor import config as inductor_config
+
     from fluxlora.run.build import build_module
 
+    # the static launcher failed to launch a tiny backward kernel under capture on the H200 (module docstring)
+    monkeypatch.setattr(inductor_config, "use_static_cuda_launcher", False)
     common = (f"memory.gradient_checkpointing={gc_on}", "speed.cuda_graphs=auto")
     cfg = make_cfg("trainer.accelerator=gpu", *common, "speed.compile_blocks=true")
     module, _ = build_module(cfg, tiny.build()["transformer"], torch.device("cuda"), torch.bfloat16, 4)
