@@ -9,9 +9,11 @@ images in three aspect ratios (three buckets: each compiles once more) with capt
 
 Each cell is one `python -m fluxlora` process: `+vram=<tier>` sets `memory.budget_gb`, the product's own switch, so
 the allocator is capped at budget - 1 GiB exactly as on a card of that size. Its Inductor cache starts empty (cold);
-`--warm` runs the cell's first step again with the cache it left. nvidia-smi is sampled every 0.2 s. Per cell: exit
-status, LoRA file and sample grids present, `stages.json` (time and peak reserved memory of load, cache, build, first
-step, steps, after the steps; steady s/step; each sampling round; graphs compiled) and nvidia-smi's peak.
+`--warm` runs the cell again (same steps, sampling off) with the cache it left, so every bucket shape loads its
+graphs. nvidia-smi is sampled every 0.2 s. Per cell: exit status, LoRA file and sample grids present, `stages.json`
+(time and peak reserved memory of load, cache, build, first step, steps, after the steps; steady s/step; each
+sampling round; each new bucket shape's first step; graphs compiled), `first_and_new_shape_steps_s` (the first step
+plus each new shape's first step: what compiling cost before steady speed) and nvidia-smi's peak.
 
     python bench/whole_run.py --models /tmp/flux --tiers 8gb 12gb --res 512 1024 --out /tmp/out
 """
@@ -206,6 +208,9 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
                "ran out"))]}
     if stages.exists():
         row.update(json.loads(stages.read_text()))
+        # time spent before steady speed on compiling: the first step and the first step of each new bucket shape
+        row["first_and_new_shape_steps_s"] = round(row["stages"].get("first_step", {}).get("s", 0.0)
+                                                   + sum(row.get("new_shape_steps_s", {}).values()), 1)
     if rc != 0:
         row["tail"] = out.splitlines()[-25:]
     return row
@@ -249,8 +254,9 @@ def main() -> None:
         inductor = args.work / f"inductor-{tier}-{res}{tag}"
         rows = [run_cell(args, tier, res, extra, tag, inductor, args.steps)]
         if args.warm:
+            # every bucket shape again (same steps, no sampling), each loading its graphs from the cache just left
             rows.append(run_cell(args, tier, res, [*extra, "resume=null", "sample.every_n_steps=0",
-                                                   "sample.at_end=false"], f"{tag}-warm", inductor, 2))
+                                                   "sample.at_end=false"], f"{tag}-warm", inductor, args.steps))
         return rows
 
     signal.signal(signal.SIGTERM, _kill_cells)  # `timeout` sends SIGTERM: end the cells too, print what finished

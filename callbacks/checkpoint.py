@@ -150,8 +150,19 @@ class PeriodicCheckpoint(Checkpoint):
         self._last_save_t = time.monotonic()
         self.checkpoints.append(path)
         log.info("checkpoint %s saved in %.2fs (%s)", path, self._last_save_t - t0, reason)
+        self._flush_logs(trainer)
         heartbeat(then)
         return path
+
+    @staticmethod
+    def _flush_logs(trainer: L.Trainer) -> None:
+        """Write the loggers' pending rows with the checkpoint (Lightning's CSV logger holds up to 100 steps in
+        memory), so a run killed later still has on disk the metrics of the steps its resume will not repeat."""
+        for logger in trainer.loggers:
+            try:
+                logger.save()
+            except Exception as e:  # a log is a record: it never fails a saved checkpoint
+                log.warning("%s not flushed with the checkpoint: %s", type(logger).__name__, e)
 
     def _prune(self, trainer: L.Trainer) -> None:
         if self._keep < 0:

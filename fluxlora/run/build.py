@@ -185,13 +185,15 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
 
 
 def make_trainer(cfg: DictConfig, out: Path, callbacks: list, precision: str, info: RankInfo,
-                 dist: DistributedSettings) -> L.Trainer:
-    """Lightning's Trainer from `cfg.trainer`, with the run's callbacks, loggers, checkpoint IO and strategy."""
+                 dist: DistributedSettings, resume_step: int | None = None) -> L.Trainer:
+    """Lightning's Trainer from `cfg.trainer`, with the run's callbacks, loggers, checkpoint IO and strategy;
+    `resume_step`: the global step of the checkpoint the run continues from (the CSV log continues too)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = precision
     if not trainer_cfg.get("gradient_clip_val"):
         trainer_cfg["gradient_clip_val"] = None
     trainer_cfg.pop("strategy", None)
     plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=run_loggers(out / "logs"), default_root_dir=str(out),
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=run_loggers(out / "logs", resume_step),
+                       default_root_dir=str(out),
                        plugins=plugins, strategy=build_strategy(cfg, info, dist))

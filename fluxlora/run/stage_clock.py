@@ -98,9 +98,14 @@ class StageClock(L.Callback):
             now = time.monotonic()
             new_shape = self._shape not in self._shapes
             self._shapes.add(self._shape)
-            if self._current != "first_step" and self._last_end is not None:
-                self.steps.append({"step": trainer.global_step, "s": round(now - self._last_end, 4),
-                                   "new_shape": new_shape})
+            if self._current == "first_step":
+                log.info("first step: %.1f s (compiling included where blocks are compiled)", now - self._t0)
+            elif self._last_end is not None:
+                took = round(now - self._last_end, 4)
+                self.steps.append({"step": trainer.global_step, "s": took, "new_shape": new_shape})
+                if new_shape:  # a new bucket shape compiles its graphs once: the user sees where that time went
+                    log.info("step %d: first batch of shape %s took %.1f s", trainer.global_step,
+                             "x".join(map(str, self._shape or ())), took)
             self._last_end = now
         self.begin("between_steps")
 
@@ -117,6 +122,7 @@ class StageClock(L.Callback):
         peaks = [v["peak_reserved_gib"] for v in self.stages.values() if "peak_reserved_gib" in v]
         return {"stages": self.stages, "steady_s_per_step": round(statistics.median(steady), 4) if steady else None,
                 "steady_steps": len(steady), "shapes": len(self._shapes),
+                "new_shape_steps_s": {str(s["step"]): s["s"] for s in self.steps if s["new_shape"]},
                 "sampling_rounds_s": {str(k): round(v, 2) for k, v in sorted(sampled.items())},
                 "peak_reserved_gib": max(peaks) if peaks else None, "compiled_graphs": _compiled_graphs(),
                 "device": torch.cuda.get_device_name(self._device) if self._cuda else str(self._device)}

@@ -1,5 +1,7 @@
 """Correctness guard for speed knobs: the optimized path's loss curve matches the plain path's."""
 
+import os
+
 import pytest
 import torch
 
@@ -251,3 +253,44 @@ def test_eager_blocks_runs_compiled_blocks_uncompiled_and_puts_them_back():
     with pytest.raises(RuntimeError), eager_blocks(transformer):
         raise RuntimeError("a failed render")
     assert [b.forward for b in blocks] == compiled  # restored on the error path too
+
+
+def test_the_compile_cache_goes_where_speed_compile_cache_says(monkeypatch, tmp_path):
+    """A stable Inductor cache lets a resumed or repeated run load its graphs instead of compiling them."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from fluxlora.perf.speed import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_compile_cache(str(tmp_path / "c")) == str(tmp_path / "c")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "c") and (tmp_path / "c").is_dir()
+    # Inductor writes its own default into the environment when it first compiles: that is replaced
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert use_compile_cache(str(tmp_path / "d")) == str(tmp_path / "d")
+    # a folder the user named in the environment wins
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache(str(tmp_path / "e")) == str(tmp_path / "mine")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    # null keeps torch's default
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert use_compile_cache(None) == default_cache_dir() and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_a_compile_cache_that_cannot_be_created_warns_and_keeps_the_default(monkeypatch, tmp_path, caplog):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from fluxlora.perf.speed import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    (tmp_path / "file").write_text("in the way")
+    with caplog.at_level("WARNING", logger="fluxlora.perf.speed"):
+        assert use_compile_cache(str(tmp_path / "file" / "cache")) == default_cache_dir()
+    assert "speed.compile_cache" in caplog.text and "cannot be created" in caplog.text
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_the_shipped_config_keeps_the_compile_cache_in_the_users_cache_folder(make_cfg):
+    from fluxlora.run.settings import check_config
+
+    assert check_config(make_cfg()).speed.compile_cache == "~/.cache/fluxlora/compile"
+    assert check_config(make_cfg("speed.compile_cache=null")).speed.compile_cache is None

@@ -1,0 +1,53 @@
+"""StageClock (fluxlora/run/stage_clock.py): where a run's time went. Steady s/step leaves out steps that met a
+new bucket shape (they compile) and steps a sampling round fell into; the first step and each new shape's first
+step are logged, so a user sees what compiling cost; `stages.json` holds it all."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from fluxlora.run import stage_clock
+from fluxlora.run.stage_clock import StageClock
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_steady_speed_leaves_out_new_shapes_and_sampling_rounds(monkeypatch, tmp_path, caplog):
+    clock = _Clock()
+    monkeypatch.setattr(stage_clock.time, "monotonic", clock)
+    sc = StageClock("cpu", tmp_path / "stages.json")
+    trainer = SimpleNamespace(global_step=0)
+    sc.begin("load")
+    clock.now += 2.0
+    sc.begin("cache")
+    clock.now += 3.0
+    sc.on_train_start(trainer, None)
+    square, wide = torch.zeros(1, 16, 64, 64), torch.zeros(1, 16, 48, 80)
+    # step: (latents, seconds it takes); step 1 compiles, step 3 meets a new shape, step 5 has a sampling round
+    plan = [(square, 30.0), (square, 0.5), (wide, 12.0), (square, 0.5), (square, 9.5), (wide, 0.5), (wide, 0.5)]
+    with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
+        for i, (latents, took) in enumerate(plan):
+            sc.on_train_batch_start(trainer, None, {"latents": latents}, i)
+            clock.now += took
+            trainer.global_step += 1
+            sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
+        sc.on_train_end(trainer, None)
+        clock.now += 1.0
+        result = sc.finish(sampled={4: 9.0})
+    assert result["stages"]["load"]["s"] == 2.0 and result["stages"]["cache"]["s"] == 3.0
+    assert result["stages"]["first_step"]["s"] == 30.0
+    assert result["steady_s_per_step"] == 0.5 and result["steady_steps"] == 4  # steps 2, 4, 6, 7
+    assert result["new_shape_steps_s"] == {"3": 12.0} and result["shapes"] == 2
+    assert result["sampling_rounds_s"] == {"4": 9.0}
+    assert "first step: 30.0 s" in caplog.text
+    assert "step 3: first batch of shape 1x16x48x80 took 12.0 s" in caplog.text
+    assert json.loads((tmp_path / "stages.json").read_text()) == result
