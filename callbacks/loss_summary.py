@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class LossSummary(L.Callback):
     """Record each step's loss and write `loss_curve.png` when training ends.
 
-    Losses are kept as detached tensors and read once at the end, so no step waits on the device.
+    Losses are kept as detached tensors and read once at the end, so no step waits on the device (and at each
+    checkpoint, whose `state_dict` carries them: a resumed run summarises and draws the whole run, not its tail).
     The summary compares the mean of the first and last `window` steps. Curves added with `add_curve` (the
     validation loss) are drawn beside it, by optimizer step, and their lowest point is named in the summary line.
 
@@ -39,8 +40,9 @@ class LossSummary(L.Callback):
             raise ValueError(f"window must be a positive int, got {window!r}")
         self._dir = Path(output_dir)
         self._window = window
+        self._earlier: list[float] = []  # losses of the steps before a resume, from the checkpoint
         self._losses: list[torch.Tensor] = []
-        self._steps: list[int] = []  # the optimizer step each loss led to (x of the curve)
+        self._steps: list[int] = []  # the optimizer step each loss led to (x of the curve), earlier ones included
         self._curves: dict[str, Callable[[], list[tuple[int, float]]]] = {}
         self.first_mean: float | None = None
         self.last_mean: float | None = None
@@ -58,7 +60,18 @@ class LossSummary(L.Callback):
         self._curves[label] = points
 
     def values(self) -> list[float]:
-        return torch.stack(self._losses).float().cpu().tolist() if self._losses else []
+        """Every step's loss, the steps before a resume first."""
+        return self._earlier + (torch.stack(self._losses).float().cpu().tolist() if self._losses else [])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": self.values(), "steps": list(self._steps)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier = [float(v) for v in state_dict.get("losses", [])]
+        self._steps = [int(s) for s in state_dict.get("steps", [])][:len(self._earlier)]
+        self._losses = []
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
