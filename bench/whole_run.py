@@ -15,7 +15,12 @@ graphs. nvidia-smi is sampled every 0.2 s. Per cell: exit status, LoRA file and 
 sampling round; each new bucket shape's first step; graphs compiled), `first_and_new_shape_steps_s` (the first step
 plus each new shape's first step: what compiling cost before steady speed) and nvidia-smi's peak.
 
+`--model flux-kontext` trains the Kontext preset on the same files with a "before" image per target (Kontext-dev has
+FLUX.1-dev's layout) and renders each sample from a control image (`--ci`); `--model chroma` writes a full-size
+random Chroma file (8.9 B) beside them and trains the Chroma preset (T5 alone, negative prompts).
+
     python bench/whole_run.py --models /tmp/flux --tiers 8gb 12gb --res 512 1024 --out /tmp/out
+    python bench/whole_run.py --models /tmp/flux --model flux-kontext --tiers 16gb 24gb --res 512 1024
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ PROMPTS = ("a photo of sks on a beach --w 1024 --h 1024 --d 1 --s {steps}",
 IMAGES = ((1024, 1024), (1024, 1024), (1024, 1024), (832, 1216), (832, 1216), (1216, 832), (1216, 832), (1024, 1024))
 
 
-def write_models(root: Path, device: str, tiny: bool = False) -> None:
-    """FluxGym's folder of full-size (or, with `tiny`, tiny) random-weight files; a file already there is kept."""
+MODELS = ("flux-dev", "flux-kontext", "chroma")
+"""--model: Kontext-dev has FLUX.1-dev's keys and shapes, so its cells read `unet/flux1-dev.sft` under the Kontext
+preset with paired images; Chroma's cells read `unet/chroma-random.safetensors` (written only when asked for)."""
+CHROMA_FILE = "unet/chroma-random.safetensors"
+
+
+def write_models(root: Path, device: str, tiny: bool = False, chroma: bool = False) -> None:
+    """FluxGym's folder of full-size (or, with `tiny`, tiny) random-weight files, with a Chroma file beside them when
+    `chroma`; a file already there is kept."""
     import torch
 
     from fluxlora.models import tiny as tiny_model
@@ -62,6 +74,8 @@ def write_models(root: Path, device: str, tiny: bool = False) -> None:
                                                                                 device, tiny)),
             (root / "clip" / "t5xxl_fp8_e4m3fn.safetensors",
              lambda p: _write_encoder(p, "t5", configs, torch.float8_e4m3fn, device, tiny))]
+    if chroma:
+        jobs.append((root / CHROMA_FILE, lambda p: _write_chroma(p, device, tiny)))
     for path, write in jobs:
         if not path.exists():
             t0 = time.monotonic()
@@ -70,6 +84,24 @@ def write_models(root: Path, device: str, tiny: bool = False) -> None:
     if not (root / "tokenizer_2").exists():
         tiny_model.clip_tokenizer().save_pretrained(root / "tokenizer")
         tiny_model.t5_tokenizer(512).save_pretrained(root / "tokenizer_2")
+
+
+def _write_chroma(path: Path, device: str, tiny: bool) -> None:
+    """A random-weight Chroma single file in BFL keys (`distilled_guidance_layer.*`, as lodestones ships it), full
+    size (8.9 B, bf16) or tiny, streamed one tensor at a time: the keys come from a meta-built model."""
+    import torch
+    from diffusers import ChromaTransformer2DModel
+
+    from fluxlora.models import chroma
+    from fluxlora.models.bfl import _POOL, _random_tensor, shipped_config
+    from fluxlora.models.files import meta_model, stream_safetensors
+
+    config = dict(chroma.TINY) if tiny else shipped_config("chroma")
+    model = meta_model(lambda: ChromaTransformer2DModel(**config))
+    shapes = {k: tuple(v.shape) for k, v in chroma.to_bfl(dict(model.state_dict())).items()}
+    pool = torch.randn(_POOL, generator=torch.Generator(device).manual_seed(3), device=device).bfloat16()
+    meta = {"format": "pt"} | ({"fluxlora.config": json.dumps(config)} if tiny else {})
+    stream_safetensors(path, shapes, torch.bfloat16, lambda n: _random_tensor(n, shapes[n], pool), meta, fsync=False)
 
 
 def _write_vae(path: Path, config: dict, device: str, store_config: bool) -> None:
@@ -114,17 +146,42 @@ def _write_encoder(path: Path, kind: str, configs: dict, dtype, device: str, sto
     stream_safetensors(path, shapes, stored, make, meta, fsync=False)
 
 
-def write_dataset(root: Path, scale: int = 1) -> None:
+def write_dataset(root: Path, scale: int = 1, control: Path | None = None) -> None:
+    """The images and captions; with `control`, a "before" image of the same stem and size for each (Kontext)."""
     import numpy as np
     from PIL import Image
 
     root.mkdir(parents=True, exist_ok=True)
+    if control is not None:
+        control.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate((w // scale, h // scale) for w, h in IMAGES):
-        if not (root / f"img{i}.png").exists():
-            base = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
-            Image.fromarray(base).resize((w, h), Image.BILINEAR).save(root / f"img{i}.png")
-            (root / f"img{i}.txt").write_text(f"a photo of sks, picture {i}")
+        for folder in (root, control):
+            if folder is not None and not (folder / f"img{i}.png").exists():
+                base = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+                Image.fromarray(base).resize((w, h), Image.BILINEAR).save(folder / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a photo of sks, picture {i}")
+
+
+def model_overrides(model: str, models: Path, work: Path) -> list[str]:
+    """The cell's `model=` and what that preset needs beyond FluxGym's folder."""
+    if model == "flux-kontext":  # Kontext-dev's layout is FLUX.1-dev's: the dev file stands in for it
+        return ["model=flux-kontext", f"model.transformer={models / 'unet' / 'flux1-dev.sft'}",
+                f"data.control_path={work / 'control'}"]
+    if model == "chroma":  # T5 alone: its tokenizer is FluxGym's tokenizer_2
+        return ["model=chroma", f"model.transformer={models / CHROMA_FILE}", f"model.vae={models / 'vae' / 'ae.sft'}",
+                f"model.tokenizer_path={models / 'tokenizer_2'}"]
+    return ["model=flux-dev"]
+
+
+def prompt_lines(model: str, steps: int, work: Path) -> list[str]:
+    """The kohya prompts: Kontext renders each from a control image (`--ci`), Chroma with a negative (`--n`)."""
+    lines = [p.format(steps=steps) for p in PROMPTS]
+    if model == "flux-kontext":
+        lines = [f"{p} --ci {work / 'control' / f'img{i * 3}.png'}" for i, p in enumerate(lines)]
+    elif model == "chroma":
+        lines = [f"{p} --n blurry, low quality" for p in lines]
+    return lines
 
 
 class SmiPeak:
@@ -176,7 +233,8 @@ def _kill_cells(*_: object) -> None:
 
 def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Path, steps: int) -> dict:
     name = f"{tier}-{res}{tag}"
-    cmd = [sys.executable, "-m", "fluxlora", "model=flux-dev", f"model.path={args.models}", "data=folder",
+    cmd = [sys.executable, "-m", "fluxlora", *model_overrides(args.model, args.models, args.work),
+           f"model.path={args.models}", "data=folder",
            f"data.path={args.data}", f"data.resolution={res}", f"+vram={tier}", f"trainer.max_steps={steps}",
            f"sample.every_n_steps={args.sample_every}", f"sample.prompts_file={args.prompts}", f"name={name}",
            f"output.root={args.work}", "callbacks.progress=null", *args.overrides, *extra]
@@ -225,6 +283,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="trainer.max_steps of each cell")
     parser.add_argument("--sample-every", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=12, help="denoising steps of each sample prompt")
+    parser.add_argument("--model", choices=MODELS, default="flux-dev", help="the preset every cell trains")
     parser.add_argument("--t5", choices=("fp16", "fp8"), default="fp16", help="which T5 file the cells read")
     parser.add_argument("--warm", action="store_true", help="run each cell's first step again, warm Inductor cache")
     parser.add_argument("--cell-timeout", type=float, default=420)
@@ -238,15 +297,16 @@ def main() -> None:
     args.models, args.work = Path(args.models), Path(args.work)
     args.data, args.prompts = args.work / "dataset", args.work / "prompts.txt"
     if args.write_only:
-        write_models(args.models, args.device, args.tiny)
+        write_models(args.models, args.device, args.tiny, chroma=args.model == "chroma")
         return
     # in a child: CUDA initialised here would hold its context and cache on the GPU the cells are measured on
     subprocess.run([sys.executable, __file__, "--write-only", "--models", str(args.models), "--work", str(args.work),
-                    "--device", args.device, *(["--tiny"] if args.tiny else [])], check=True)
-    write_dataset(args.data, 8 if args.tiny else 1)
-    args.prompts.write_text("\n".join(p.format(steps=args.sample_steps) for p in PROMPTS) + "\n")
-    extra = [f"model.t5xxl={args.models / 'clip' / 't5xxl_fp8_e4m3fn.safetensors'}"] if args.t5 == "fp8" else []
-    tag = "-t5fp8" if args.t5 == "fp8" else ""
+                    "--device", args.device, "--model", args.model, *(["--tiny"] if args.tiny else [])], check=True)
+    write_dataset(args.data, 8 if args.tiny else 1, args.work / "control" if args.model == "flux-kontext" else None)
+    args.prompts.write_text("\n".join(prompt_lines(args.model, args.sample_steps, args.work)) + "\n")
+    t5 = args.models / "clip" / ("t5xxl_fp8_e4m3fn.safetensors" if args.t5 == "fp8" else "t5xxl_fp16.safetensors")
+    extra = [f"model.t5xxl={t5}"] if args.t5 == "fp8" or args.model == "chroma" else []
+    tag = ("" if args.model == "flux-dev" else f"-{args.model}") + ("-t5fp8" if args.t5 == "fp8" else "")
     cells = [(tier, res) for res in args.res for tier in args.tiers]
 
     def cell(tier_res) -> list[dict]:
