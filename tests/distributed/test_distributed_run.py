@@ -130,3 +130,27 @@ def test_a_killed_rank_ends_the_group_and_the_supervisor_resumes_it(tmp_path):
     last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4 and last["fluxlora_run"]["finished"]
     print(f"kill: rank 0 exited {took:.0f}s (1 s clock) after rank 1 was killed")
+
+
+def _val_losses(out: Path) -> dict[int, float]:
+    import csv
+
+    with open(out / "logs" / "csv" / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r["val_loss"]) for r in csv.DictReader(f) if r.get("val_loss")}
+
+
+@pytest.mark.slow
+def test_two_ranks_score_the_validation_images_as_one_rank_does(tmp_path):
+    """Each rank scores its share of the held-out images and one all-reduce adds them up: with the LoRA held at its
+    start (lr 0, so both runs evaluate the same weights) two ranks log the validation loss one rank logs, at every
+    step; the noise is fixed per image, so how the images are shared out does not change it."""
+    common = ("trainer.max_epochs=-1", "trainer.max_steps=2", "validation.split=3", "validation.every_n_steps=1",
+              "validation.batch_size=2", "optim.lr=0", "optim.warmup_steps=0", "~callbacks.sampler")
+    one = run_cli(fluxlora_cmd(tmp_path, "name=val1", *common), timeout=120, cwd=tmp_path)
+    assert one.returncode == 0, one.stdout[-3000:]
+    two = run_cli(fluxlora_cmd(tmp_path, "name=val2", *DDP, *common), timeout=180, cwd=tmp_path)
+    assert two.returncode == 0, two.stdout[-3000:]
+    want, got = _val_losses(_out(tmp_path, "val1")), _val_losses(_out(tmp_path, "val2"))
+    assert sorted(want) == sorted(got) == [1, 2]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert "(3 images" in two.stdout
