@@ -10,11 +10,12 @@ the output. It computes what diffusers' `FluxAttnProcessor` computes (projection
 tokens first, rotary embeddings, SDPA, output projections); a CPU test checks that within float32 rounding.
 
 `cudnn` asks SDPA for cuDNN with flash as the fallback (torch picks the first that accepts the inputs). `auto`
-picks it for FLUX.1 transformers (dev, schnell, Kontext) on Hopper (compute capability 9.x), where it was measured
-on the H200 (2026-12-01): over 4 steps the loss and LoRA gradients match the flash path within bf16 tolerance
-(tests/perf/test_attention_gpu.py), and a whole compiled step with CUDA graphs took 0.3742 s against 0.4436 at
-1024 px and 0.1293 against 0.1433 at 512 px (bench/speed.py). Elsewhere `auto` keeps diffusers' processor: other
-GPUs were not measured, and Chroma passes its T5 mask into every attention, a case cuDNN was not run with.
+picks it where it was measured on the H200 (2026-12-01): FLUX.1 transformers (dev, schnell, Kontext) on Hopper
+(compute capability 9.x), without gradient checkpointing or block swapping. There, over 4 steps the loss and LoRA
+gradients match the flash path within bf16 tolerance (tests/perf/test_attention_gpu.py, eager), and a whole
+compiled step with CUDA graphs took 0.3742 s against 0.4436 at 1024 px and 0.1293 against 0.1433 at 512 px
+(bench/speed.py). Elsewhere `auto` keeps diffusers' processor: other GPUs, the tiers' checkpointed and swapped
+blocks, and Chroma (its T5 mask goes into every attention) were not run with cuDNN; `cudnn` asks for it anyway.
 """
 
 from __future__ import annotations
@@ -83,25 +84,29 @@ class FluxSdpaProcessor:
         return x.unflatten(-1, (-1, attn.head_dim))
 
 
-def resolve_attention(choice: str, transformer: torch.nn.Module, device: torch.device | str | None) -> str:
+def resolve_attention(choice: str, transformer: torch.nn.Module, device: torch.device | str | None,
+                      checkpointing: bool = False, swapping: bool = False) -> str:
     """`speed.attention` with `auto` decided for `transformer` on `device`: `cudnn` for a FLUX.1 transformer on a
-    Hopper GPU (measured there, see the module docstring), `default` otherwise."""
+    Hopper GPU without gradient checkpointing or block swapping (what was measured, see the module docstring),
+    `default` otherwise."""
     if choice not in ATTENTION:
         raise ValueError(f"speed.attention={choice!r} is not one of {ATTENTION}")
     if choice != "auto":
         return choice
     from diffusers import FluxTransformer2DModel
 
-    if device is None or torch.device(device).type != "cuda" or type(transformer) is not FluxTransformer2DModel:
+    if device is None or torch.device(device).type != "cuda" or type(transformer) is not FluxTransformer2DModel \
+            or checkpointing or swapping:
         return "default"
     return "cudnn" if torch.cuda.get_device_capability(torch.device(device))[0] == 9 else "default"
 
 
-def use_attention(transformer: torch.nn.Module, choice: str, device: torch.device | str | None) -> int:
+def use_attention(transformer: torch.nn.Module, choice: str, device: torch.device | str | None,
+                  checkpointing: bool = False, swapping: bool = False) -> int:
     """Install our processor on every attention module that runs diffusers' plain Flux processor (`choice`:
     `speed.attention`, `auto` decided by `resolve_attention`); returns how many. `default` keeps diffusers'
     processor; modules with fused projections or another processor are left as they are."""
-    choice = resolve_attention(choice, transformer, device)
+    choice = resolve_attention(choice, transformer, device, checkpointing, swapping)
     if choice == "default":
         return 0
     from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor

@@ -55,8 +55,9 @@ class SpeedSettings:
     set wins; None = torch's default."""
     attention: str = "auto"
     """`cudnn`: attention through fluxlora's processor with cuDNN's SDPA, flash as the fallback
-    (`fluxlora.perf.attention`); `default`: diffusers' processor; `auto`: cudnn for FLUX.1 on Hopper GPUs, where it
-    was measured to match flash and save 16 % of a step at 1024 px, default elsewhere."""
+    (`fluxlora.perf.attention`); `default`: diffusers' processor; `auto`: cudnn for FLUX.1 on Hopper GPUs without
+    gradient checkpointing or block swapping, where it was measured to match flash and save 16 % of a step at
+    1024 px; default elsewhere."""
 
     def __post_init__(self) -> None:
         for name in ("compile_blocks", "recompute_in_graph", "cuda_graphs"):
@@ -230,7 +231,8 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
     from fluxlora.perf.attention import use_attention
     from fluxlora.perf.checkpointing import run_blocks_plainly
 
-    use_attention(transformer, settings.attention, device)  # before compiling: the processor is traced into blocks
+    # before compiling: the processor is traced into the blocks
+    use_attention(transformer, settings.attention, device, checkpointing=bool(checkpoint_every), swapping=swapping)
     decided = plan(settings, device, base_storage, swapping, checkpoint_every, processes, budgeted)
     if not decided.compile:
         return decided

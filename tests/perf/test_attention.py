@@ -52,6 +52,10 @@ def test_auto_picks_cudnn_for_flux_on_hopper_only(monkeypatch, capability, want)
     assert resolve_attention("auto", model, "cpu") == "default"
     assert resolve_attention("default", model, "cuda") == "default"
     assert resolve_attention("cudnn", model, "cpu") == "cudnn"
+    # the tiers' checkpointed or swapped blocks were not run with cuDNN: auto leaves them on flash
+    assert resolve_attention("auto", model, "cuda", checkpointing=True) == "default"
+    assert resolve_attention("auto", model, "cuda", swapping=True) == "default"
+    assert resolve_attention("cudnn", model, "cuda", checkpointing=True, swapping=True) == "cudnn"
 
 
 def test_auto_keeps_diffusers_processor_for_chroma_even_on_hopper(monkeypatch):
