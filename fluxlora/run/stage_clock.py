@@ -57,6 +57,7 @@ class StageClock(L.Callback):
         self._shapes: set[Optional[tuple]] = set()
         self._shape: Optional[tuple] = None
         self._last_end: Optional[float] = None
+        self._train_t0 = 0.0
         self._last_step = -1
         self.steps: list[dict[str, Any]] = []  # {"step", "s", "new_shape"} per optimizer step after the first
 
@@ -78,6 +79,7 @@ class StageClock(L.Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.begin("first_step")
+        self._train_t0 = self._t0
         self._last_step = trainer.global_step
 
     @override
@@ -98,9 +100,9 @@ class StageClock(L.Callback):
             now = time.monotonic()
             new_shape = self._shape not in self._shapes
             self._shapes.add(self._shape)
-            if self._current == "first_step":
-                log.info("first step: %.1f s (compiling included where blocks are compiled)", now - self._t0)
-            elif self._last_end is not None:
+            if self._last_end is None:  # the first optimizer step (after several batches when accumulating)
+                log.info("first step: %.1f s (compiling included where blocks are compiled)", now - self._train_t0)
+            else:
                 took = round(now - self._last_end, 4)
                 self.steps.append({"step": trainer.global_step, "s": took, "new_shape": new_shape})
                 if new_shape:  # a new bucket shape compiles its graphs once: the user sees where that time went

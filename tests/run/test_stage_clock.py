@@ -51,3 +51,20 @@ def test_steady_speed_leaves_out_new_shapes_and_sampling_rounds(monkeypatch, tmp
     assert "first step: 30.0 s" in caplog.text
     assert "step 3: first batch of shape 1x16x48x80 took 12.0 s" in caplog.text
     assert json.loads((tmp_path / "stages.json").read_text()) == result
+
+
+def test_with_accumulation_the_first_step_is_the_first_optimizer_step(monkeypatch, caplog):
+    clock = _Clock()
+    monkeypatch.setattr(stage_clock.time, "monotonic", clock)
+    sc = StageClock("cpu")
+    trainer = SimpleNamespace(global_step=0)
+    sc.on_train_start(trainer, None)
+    latents = torch.zeros(1, 16, 64, 64)
+    with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
+        for i, took in enumerate([20.0, 5.0, 0.5, 0.5]):  # two batches per optimizer step
+            sc.on_train_batch_start(trainer, None, {"latents": latents}, i)
+            clock.now += took
+            trainer.global_step += i % 2
+            sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
+    assert "first step: 25.0 s" in caplog.text
+    assert sc.steps == [{"step": 2, "s": 1.0, "new_shape": False}]
