@@ -3,10 +3,14 @@
     python bench/lora_roundtrip.py write  --dir /tmp/flux     # flux1-dev.safetensors (bf16) + fp8 variant
     python bench/lora_roundtrip.py load   --file F [--storage fp8]   # load time and peak host RAM (run each in a fresh process)
     python bench/lora_roundtrip.py check  --dir /tmp/flux     # train, export kohya + diffusers, reload with diffusers
+    python bench/lora_roundtrip.py check  --dir /tmp/flux --pipeline kontext   # the same as FLUX.1 Kontext
 
 `check` loads the bf16 file, trains a few LoRA steps (all block linears, modulation included) through
 FluxLoRAModule.flow_loss, exports both files, loads each with `FluxPipeline.load_lora_weights` into a second
 Flux-dev-shaped transformer read from the same file, and compares transformer outputs with the trained module's.
+With `--pipeline kontext` (Kontext-dev has Flux-dev's layout) the steps train with a control latent (its tokens
+after the target's, first id channel 1), the files load through `FluxKontextPipeline.load_lora_weights`, and the
+outputs compared are on target + control tokens, as the pipeline feeds them.
 """
 
 from __future__ import annotations
@@ -67,17 +71,22 @@ def cmd_load(f: Path, storage: str) -> None:
           flush=True)
 
 
-def inputs(cfg: dict, res: int = 512, seed: int = 0) -> dict:
+def inputs(cfg: dict, res: int = 512, seed: int = 0, control: torch.Tensor | None = None) -> dict:
+    """The transformer's inputs at `res`; with `control` (a latent), its tokens and ids appended as Kontext does."""
     from fluxlora.training import flow as fm
+    from fluxlora.training import kontext
 
     g = torch.Generator(DEV).manual_seed(seed)
     h = res // 8
     lat = torch.randn(1, cfg["in_channels"] // 4, h, h, device=DEV, generator=g)
-    return dict(hidden_states=fm.pack_latents(lat).bfloat16(),
+    tokens, ids = fm.pack_latents(lat).bfloat16(), fm.image_ids(h, h, device=DEV, dtype=torch.bfloat16)
+    if control is not None:
+        tokens, ids = kontext.append_control(tokens, ids, control)
+    return dict(hidden_states=tokens,
                 encoder_hidden_states=torch.randn(1, 512, cfg["joint_attention_dim"], device=DEV, generator=g).bfloat16(),
                 pooled_projections=torch.randn(1, cfg["pooled_projection_dim"], device=DEV, generator=g).bfloat16(),
                 timestep=torch.full((1,), 0.6, device=DEV, dtype=torch.bfloat16),
-                img_ids=fm.image_ids(h, h, device=DEV, dtype=torch.bfloat16),
+                img_ids=ids,
                 txt_ids=torch.zeros(512, 3, device=DEV, dtype=torch.bfloat16),
                 guidance=torch.full((1,), 1.0, device=DEV), return_dict=False)
 
@@ -94,8 +103,8 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor
             "max_abs_err": float((got - want).abs().max()), "ok": bool(err < 0.1 * effect and err < 2e-2)}
 
 
-def cmd_check(d: Path, steps: int) -> None:
-    from diffusers import FluxPipeline
+def cmd_check(d: Path, steps: int, pipeline: str = "flux") -> None:
+    from diffusers import FluxKontextPipeline, FluxPipeline
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -115,9 +124,12 @@ def cmd_check(d: Path, steps: int) -> None:
     params = [p for p in t.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3)
     cfg = model_config()
-    x = inputs(cfg)
+    control = torch.randn(1, cfg["in_channels"] // 4, 64, 64, device=DEV) if pipeline == "kontext" else None
+    x = inputs(cfg, control=control)
     batch = {"latents": torch.randn(1, cfg["in_channels"] // 4, 64, 64, device=DEV), "t5": x["encoder_hidden_states"].float(),
              "pooled": x["pooled_projections"].float()}
+    if control is not None:
+        batch["control"] = control
     losses = []
     for _ in range(steps):
         loss = module.flow_loss(batch)
@@ -134,9 +146,9 @@ def cmd_check(d: Path, steps: int) -> None:
     torch.cuda.empty_cache() if DEV == "cuda" else None
     parts = tiny.build()
     parts["transformer"] = load_transformer(src, torch.bfloat16, device=DEV)
-    pipe = FluxPipeline(**parts)
+    pipe = (FluxKontextPipeline if pipeline == "kontext" else FluxPipeline)(**parts)
     base = out_of(pipe.transformer, x)
-    report = {"losses": [round(v, 4) for v in losses]}
+    report = {"pipeline": type(pipe).__name__, "losses": [round(v, 4) for v in losses]}
     names = ["diffusers.safetensors"] if os.environ.get("RT_TINY") else ["kohya.safetensors", "diffusers.safetensors"]
     for name in names:
         pipe.load_lora_weights(str(d), weight_name=name, adapter_name=name.split(".")[0])
@@ -155,6 +167,7 @@ def main() -> None:
     ap.add_argument("--file", type=Path)
     ap.add_argument("--storage", default="none", choices=["none", "fp8"])
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--pipeline", default="flux", choices=["flux", "kontext"], help="check: the pipeline that reloads")
     a = ap.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)
     if a.cmd == "write":
@@ -162,7 +175,7 @@ def main() -> None:
     elif a.cmd == "load":
         cmd_load(a.file, a.storage)
     else:
-        cmd_check(a.dir, a.steps)
+        cmd_check(a.dir, a.steps, a.pipeline)
 
 
 if __name__ == "__main__":
