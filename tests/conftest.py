@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -12,6 +13,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU tests unless 
 # one intra-op thread (set before torch loads; subprocesses inherit it): tiny models gain nothing from more, and on a
 # busy 2-core box OpenMP barriers waiting for descheduled threads made in-process runs 6x slower (measured)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# compiled graphs of the tests stay out of the user's cache (speed.compile_cache defaults to ~/.cache/fluxlora/compile;
+# a TORCHINDUCTOR_CACHE_DIR set here wins over it, in this process and the runs it starts)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"fluxlora-tests-inductor-{os.getuid()}"))
 
 
 def compose_cfg(root, *overrides: str) -> DictConfig:
