@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -96,6 +97,7 @@ class TolerantCSVLogger(_Tolerant, CSVLogger):
         self._resume_step = resume_step
 
     @property
+    @rank_zero_experiment  # as Lightning's: the other ranks get a no-op writer and never touch the file
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
