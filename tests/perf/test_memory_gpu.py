@@ -3,9 +3,9 @@ otherwise): block swapping trains the same LoRA as without it within bf16 tolera
 (pinned host memory, copy stream, events), in a bare step loop and in a whole `fluxlora.run.train.run`.
 With fluxlora installed from a wheel rather than editable, run `python -P -m pytest` so the checkout's bare
 `fluxlora/` (which lacks the `fluxlora.callbacks` mapping) does not shadow the install. On the H200 (2026-12-01,
-seventh session) 8 of these passed, the whole-run block-swap test among them; both CUDA-graph whole runs failed with
+seventh session) 7 of these 9 passed, the whole-run block-swap test among them; both CUDA-graph whole runs failed with
 `CUDA driver error: invalid argument` from Inductor's static Triton launcher while it captured a backward graph of the
-tiny model (the full-size model captures and replays in bench/speed.py and bench/whole_run.py). With the static
+tiny model (the full-size model captures and replays in bench/speed.py, same call). With the static
 launcher off (`TORCHINDUCTOR_USE_STATIC_CUDA_LAUNCHER=0`) the gc-off case passed alone; the test now turns it off
 itself (the gc-on case was not re-run: no device time left). The 7 older ones passed on the H100 on 2026-11-25."""
 
