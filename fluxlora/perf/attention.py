@@ -9,9 +9,14 @@ norm to 4 digits. This processor does exactly that: q/k/v in (B, H, S, D) contig
 the output. It computes what diffusers' `FluxAttnProcessor` computes (projections, per-head RMS norms, the text
 tokens first, rotary embeddings, SDPA, output projections); a CPU test checks that within float32 rounding.
 
-`cudnn` asks SDPA for cuDNN with flash as the fallback (torch picks the first that accepts the inputs). `auto`
-picks it where it was measured on the H200 (2026-12-01): FLUX.1 transformers (dev, schnell, Kontext) on Hopper
-(compute capability 9.x), without gradient checkpointing or block swapping. There, over 4 steps the loss and LoRA
+`cudnn` enables cuDNN's SDPA for these calls, with flash, efficient and math still enabled as fallbacks. The list
+enables backends; it does not order them. torch orders them itself, and its CUDA build puts cuDNN first on sm90/sm100
+when cuDNN is newer than 9.15 (`check_prefer_cudnn_attention` in aten's cuda/sdp_utils.cpp: older cuDNN mishandled
+sequence lengths not divisible by 128). The H200 had cuDNN 9.19. With an older cuDNN, torch puts flash first, so
+`cudnn` then runs flash through this processor.
+
+`auto` picks `cudnn` where it was measured on the H200 (2026-12-01): FLUX.1 transformers (dev, schnell, Kontext) on
+Hopper (compute capability 9.x), without gradient checkpointing or block swapping. There, over 4 steps the loss and LoRA
 gradients match the flash path within bf16 tolerance (tests/perf/test_attention_gpu.py, eager), and a whole
 compiled step with CUDA graphs took 0.3742 s against 0.4436 at 1024 px and 0.1293 against 0.1433 at 512 px
 (bench/speed.py). Elsewhere `auto` keeps diffusers' processor: other GPUs, the tiers' checkpointed and swapped
@@ -117,5 +122,6 @@ def use_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
             and type(m.processor) is FluxAttnProcessor and not getattr(m, "fused_projections", False)]
     for m in mods:
         m.set_processor(FluxSdpaProcessor(_BACKENDS[choice]))
-    log.info("attention: %d modules run SDPA with %s", len(mods), " > ".join(b.name for b in _BACKENDS[choice]))
+    log.info("attention: %d modules run fluxlora's processor, SDPA backends %s enabled (torch orders them: cuDNN "
+             "first on Hopper/Blackwell with cuDNN > 9.15)", len(mods), ", ".join(b.name for b in _BACKENDS[choice]))
     return len(mods)
