@@ -40,8 +40,8 @@ class LossSummary(L.Callback):
             raise ValueError(f"window must be a positive int, got {window!r}")
         self._dir = Path(output_dir)
         self._window = window
-        self._earlier: list[float] = []  # losses of the steps before a resume, from the checkpoint
-        self._losses: list[torch.Tensor] = []
+        self._read: list[float] = []  # losses already read from the device (and those a resumed checkpoint held)
+        self._losses: list[torch.Tensor] = []  # losses since, not read yet
         self._steps: list[int] = []  # the optimizer step each loss led to (x of the curve), earlier ones included
         self._curves: dict[str, Callable[[], list[tuple[int, float]]]] = {}
         self.first_mean: float | None = None
@@ -60,8 +60,12 @@ class LossSummary(L.Callback):
         self._curves[label] = points
 
     def values(self) -> list[float]:
-        """Every step's loss, the steps before a resume first."""
-        return self._earlier + (torch.stack(self._losses).float().cpu().tolist() if self._losses else [])
+        """Every step's loss, the steps before a resume first. Each loss is read from the device once (the
+        checkpoints call this too)."""
+        if self._losses:
+            self._read += torch.stack(self._losses).float().cpu().tolist()
+            self._losses = []
+        return list(self._read)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -69,8 +73,8 @@ class LossSummary(L.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._earlier = [float(v) for v in state_dict.get("losses", [])]
-        self._steps = [int(s) for s in state_dict.get("steps", [])][:len(self._earlier)]
+        self._read = [float(v) for v in state_dict.get("losses", [])]
+        self._steps = [int(s) for s in state_dict.get("steps", [])][:len(self._read)]
         self._losses = []
 
     @override
