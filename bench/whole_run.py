@@ -37,6 +37,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 TIERS = ("8gb", "12gb", "16gb", "20gb", "24gb")
+NO_TIER = "none"
+"""--tiers none: no `+vram`, the whole card (what `speed.*: auto` does without a budget: bf16 base, CUDA graphs,
+cuDNN attention on Hopper)."""
 PROMPTS = ("a photo of sks on a beach --w 1024 --h 1024 --d 1 --s {steps}",
            "a portrait of sks in a garden --w 832 --h 1216 --d 2 --s {steps}")
 IMAGES = ((1024, 1024), (1024, 1024), (1024, 1024), (832, 1216), (832, 1216), (1216, 832), (1216, 832), (1024, 1024))
@@ -235,7 +238,8 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
     name = f"{tier}-{res}{tag}"
     cmd = [sys.executable, "-m", "fluxlora", *model_overrides(args.model, args.models, args.work),
            f"model.path={args.models}", "data=folder",
-           f"data.path={args.data}", f"data.resolution={res}", f"+vram={tier}", f"trainer.max_steps={steps}",
+           f"data.path={args.data}", f"data.resolution={res}", *([] if tier == NO_TIER else [f"+vram={tier}"]),
+           f"trainer.max_steps={steps}",
            f"sample.every_n_steps={args.sample_every}", f"sample.prompts_file={args.prompts}", f"name={name}",
            f"output.root={args.work}", "callbacks.progress=null", *args.overrides, *extra]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor), PYTHONUNBUFFERED="1")
@@ -263,6 +267,7 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
            "errors": [ln for ln in out.splitlines() if "fluxlora: error" in ln or "Error" in ln][-3:],
            "log": [ln[-220:] for ln in out.splitlines() if any(k in ln for k in (
                "memory budget", "caching:", "sampling mode", "T5", "stages:", "loaded ", "samples at", "switched off",
+               "attention:", "CUDA graphs", "first step", "first batch of shape",
                "ran out"))]}
     if stages.exists():
         row.update(json.loads(stages.read_text()))
@@ -278,7 +283,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="/tmp/flux-models")
     parser.add_argument("--work", default="/tmp/whole-run")
-    parser.add_argument("--tiers", nargs="+", default=list(TIERS))
+    parser.add_argument("--tiers", nargs="+", default=list(TIERS), choices=[*TIERS, NO_TIER])
     parser.add_argument("--res", nargs="+", type=int, default=[512, 1024])
     parser.add_argument("--steps", type=int, default=8, help="trainer.max_steps of each cell")
     parser.add_argument("--sample-every", type=int, default=4)
