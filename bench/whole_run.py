@@ -226,12 +226,14 @@ class SmiPeak:
 
 
 _CELLS: set = set()  # running cells: killed when this script is (a device call's time limit), never left behind
+_STOPPING: list = []  # set by SIGTERM: no cell starts after it
 
 
 def _kill_cells(*_: object) -> None:
+    """`timeout`'s SIGTERM: kill the running cells (their rows, with log tails, are still printed) and start none."""
+    _STOPPING.append(True)
     for proc in list(_CELLS):
         proc.kill()
-    raise SystemExit(124)
 
 
 def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Path, steps: int) -> dict:
@@ -243,19 +245,27 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
            f"sample.every_n_steps={args.sample_every}", f"sample.prompts_file={args.prompts}", f"name={name}",
            f"output.root={args.work}", "callbacks.progress=null", *args.overrides, *extra]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor), PYTHONUNBUFFERED="1")
+    if _STOPPING:
+        return {"cell": name, "rc": "not started (stopping)"}
     smi = SmiPeak()
     t0 = time.monotonic()
-    # not from the checkout: `-m` would import its fluxlora/ instead of the installed package
-    print(f"cell {name}: started", flush=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=args.work)
-    _CELLS.add(proc)
-    try:
-        out, _ = proc.communicate(timeout=args.cell_timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, rc = proc.communicate()[0], "timeout"
-    _CELLS.discard(proc)
+    # the cell's output goes to a file as it comes: a cell that is killed (its timeout, the call's) still has its log
+    log_path = Path(args.work) / f"{name}.log"
+    print(f"cell {name}: started, log {log_path}", flush=True)
+    with open(log_path, "w") as log_file:
+        # not from the checkout: `-m` would import its fluxlora/ instead of the installed package
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=args.work)
+        _CELLS.add(proc)
+        try:
+            rc = proc.wait(timeout=args.cell_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = "timeout"
+        _CELLS.discard(proc)
+    if _STOPPING and rc != 0:
+        rc = "killed (stopping)"
+    out = log_path.read_text(errors="replace")
     wall = time.monotonic() - t0
     folder = Path(args.work) / name
     stages = folder / "stages.json"
@@ -332,6 +342,8 @@ def main() -> None:
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
+    if _STOPPING:
+        sys.exit(124)
 
 if __name__ == "__main__":
     main()
