@@ -63,6 +63,7 @@ def test_out_of_memory_line_names_stage_use_limit_and_what_to_change():
     assert isinstance(e, OutOfGpuMemory) and e.exit_code != 0
     assert str(e).startswith("stage 'training_step' ran out of GPU memory (in use and limit unknown")
     assert "memory.blocks_to_swap" in str(e) and "data.resolution" in str(e)
+    assert str(e).endswith("(the failed allocation asked for 2.00 GiB)")  # torch's request, from its message
     measured = OutOfGpuMemory("caching", int(10.74 * GiB), 11 * GiB)
     assert "(10.74 GiB of 11.00 GiB): lower data.cache_batch_size" in str(measured)
     assert "memory.base_storage=fp8" in oom_hint("load_model") and "sample.mode" in oom_hint("sampling")
@@ -166,7 +167,7 @@ def test_out_of_memory_line_carries_the_measured_use_and_limit(make_cfg, capsys,
     code, errors_, _ = _main(make_cfg(*FAST), capsys, monkeypatch)
     assert code == 2 and errors_ == [
         "fluxlora: error: stage 'load_model' ran out of GPU memory (6.92 GiB of 7.00 GiB): use a smaller +vram tier, "
-        "memory.base_storage=fp8 or more memory.blocks_to_swap"]
+        "memory.base_storage=fp8 or more memory.blocks_to_swap (the failed allocation asked for 2.00 GiB)"]
 
 
 def test_out_of_memory_while_sampling_switches_sampling_off_and_training_goes_on(make_cfg, capsys, monkeypatch,
