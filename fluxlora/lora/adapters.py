@@ -13,6 +13,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 ADAPTER = "default"
 TYPES = ("lora", "dora", "lokr", "loha")
+NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
+"""How logs and messages spell each type."""
 LYCORIS = ("lokr", "loha")
 """Types whose peft layers are LyCORIS layers (no lora_A/lora_B; no input dropout)."""
 TENSORS = {

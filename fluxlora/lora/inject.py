@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from fluxlora.lora.adapters import ADAPTER, LYCORIS, TYPES, is_adapted, peft_config
 from fluxlora.lora.keys import MODULATION, is_embedder, kohya_slot
+from fluxlora.lora.lycoris_layers import use_activation_forward
 
 __all__ = ["ADAPTER", "LoraSettings", "add_adapters", "inject", "lora_layers", "lora_parameters", "target_modules"]
 TRAIN_BLOCKS = ("all", "single", "double")
@@ -116,6 +117,9 @@ def add_adapters(transformer: torch.nn.Module, settings: LoraSettings, targets: 
     # peft gives adapters the base layer's dtype (bf16, even float8): train them in fp32
     for p in lora_parameters(transformer).values():
         p.data = p.data.float()
+    # LoKr/LoHa: apply the update to the activations (no full-size ΔW per call, no graph break per layer under
+    # torch.compile); same math and tensors as peft's layers (fluxlora.lora.lycoris_layers)
+    use_activation_forward(transformer)
     return targets
 
 

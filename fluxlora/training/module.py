@@ -17,6 +17,7 @@ from fluxlora.training import flow as fm
 from fluxlora.training import kontext
 from fluxlora.distributed.strategy import agree_max
 from fluxlora.errors import FluxLoraError
+from fluxlora.lora.adapters import NAMES
 from fluxlora.lora.init_from import inject_and_load
 from fluxlora.lora.inject import LoraSettings, lora_parameters
 from fluxlora.training.optim import build_optimizer, build_scheduler
@@ -80,8 +81,9 @@ class FluxLoRAModule(L.LightningModule):
         self.has_guidance = bool(getattr(transformer.config, "guidance_embeds", False))
         self.arch = _arch_of(transformer)
         n = sum(p.numel() for p in lora_parameters(transformer).values())
-        log.info("LoRA r=%d alpha=%g on %d layers (%s blocks): %.2fM trainable parameters",
-                 lora.rank, lora.alpha, len(self.adapted), lora.train_blocks, n / 1e6)
+        log.info("%s r=%d alpha=%g on %d layers (%s blocks): %.2fM trainable parameters",
+                 NAMES.get(lora.type, lora.type), lora.rank, lora.alpha, len(self.adapted), lora.train_blocks,
+                 n / 1e6)
 
     def flow_loss(self, batch: dict, noise: torch.Tensor | None = None,
                   sigma: torch.Tensor | None = None) -> torch.Tensor:
