@@ -78,6 +78,17 @@ class Fp8Linear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Fp8Matmul.apply(x, self.weight, self.bias, self.compute_dtype, self.fp8_matmul)
 
+    # peft reads a quantized base through HQQ's names: with `W_q` present, `peft.utils.integrations.
+    # dequantize_module_weight` calls `dequantize()` (DoRA takes the norm of W + ΔW from it, which a float8 weight
+    # cannot take part in: torch does not promote float8) and the adapter's device comes from `W_q`.
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 (peft's name)
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        """The stored weight in the compute dtype (exact: every float8_e4m3fn value is a bf16/fp32 value)."""
+        return self.weight.to(self.compute_dtype)
+
     def _apply(self, fn, recurse: bool = True):
         """Keep the weight in fp8 through `module.to(dtype)`: Lightning's `bf16-true` precision casts the whole
         model (fp8 counts as floating point), which would silently double the base's memory. fp8 -> bf16 -> fp8 is

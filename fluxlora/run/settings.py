@@ -89,11 +89,6 @@ def check_config(cfg: DictConfig) -> RunSettings:
     still before loading.) A group left out of the config keeps its defaults."""
     groups = {key: settings(cls, cfg[key], key) for key, cls in _GROUPS.items() if cfg.get(key) is not None}
     _check_format(cfg, groups.get("lora"))
-    lora, memory = groups.get("lora"), groups.get("memory")
-    if lora is not None and memory is not None and lora.type == "dora" and memory.base_storage == "fp8":
-        # peft's DoRA adds ΔW to the stored base weight to take its norm; float8 does not promote (nf4 dequantizes)
-        raise FluxLoraError("lora.type=dora cannot run over memory.base_storage=fp8 (peft's DoRA needs the base "
-                            "weight's norm); set memory.base_storage=none or nf4, or use lora.type=lora")
     if str(cfg.train.nonfinite) not in NONFINITE:
         raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
     _whole(cfg.train, "max_nonfinite_skips", "train", 0)
