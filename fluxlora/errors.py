@@ -76,8 +76,7 @@ class OutOfGpuMemory(FluxLoraError):
             usage = "in use and limit unknown: no CUDA device was initialised"
         else:
             usage = f"{in_use / _GiB:.2f} GiB of {limit / _GiB:.2f} GiB"
-        # the failed request tells a burst (one huge tensor: 11.7 of 22.9 GiB in use on the H200 when a LoKr step
-        # failed) from a slow fill, which the two numbers alone cannot
+        # the failed request tells one huge tensor from a slow fill, which the two numbers alone cannot
         tail = f" (the failed allocation asked for {asked})" if asked else ""
         super().__init__(f"stage '{stage}' ran out of GPU memory ({usage}): {oom_hint(stage)}{tail}")
 
