@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from fluxlora.lora.adapters import ADAPTER, LYCORIS, TYPES, is_adapted, peft_config
 from fluxlora.lora.keys import MODULATION, is_embedder, kohya_slot
+from fluxlora.lora.dora_base import traceable_dora_bases
 from fluxlora.lora.lycoris_layers import use_activation_forward
 
 __all__ = ["ADAPTER", "LoraSettings", "add_adapters", "inject", "lora_layers", "lora_parameters", "target_modules"]
@@ -120,6 +121,8 @@ def add_adapters(transformer: torch.nn.Module, settings: LoraSettings, targets: 
     # LoKr/LoHa: apply the update to the activations (no full-size ΔW per call, no graph break per layer under
     # torch.compile); same math and tensors as peft's layers (fluxlora.lora.lycoris_layers)
     use_activation_forward(transformer)
+    # DoRA over a float base: its weight reaches the norm through a path torch.compile traces (lora.dora_base)
+    traceable_dora_bases(transformer)
     return targets
 
 

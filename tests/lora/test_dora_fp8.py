@@ -45,3 +45,47 @@ def test_dora_over_fp8_storage_trains_as_over_the_same_weights_in_float():
     # the base stayed fp8: no float copy of a weight was kept
     bases = [m for m in fp8.transformer.modules() if isinstance(m, Fp8Linear)]
     assert len(bases) == len(fp8_linear_names(small_flux(0))) and all(m.weight.dtype == FP8 for m in bases)
+
+
+def _single_block_graphs(storage: str, kind: str) -> tuple[int, int]:
+    """(graphs, graph breaks) torch.compile makes of a tiny single block in training with `kind` adapters."""
+    import torch._dynamo
+
+    from fluxlora.lora.inject import inject
+    from fluxlora.models import tiny
+
+    t = tiny.build()["transformer"]
+    apply_memory_settings(t, MemorySettings(storage), torch.float32)
+    inject(t, LoraSettings(type=kind, rank=4, alpha=4))
+    t.train()
+    width = t.config.num_attention_heads * t.config.attention_head_dim
+    rot = (torch.randn(32, t.config.attention_head_dim), torch.randn(32, t.config.attention_head_dim))
+    torch._dynamo.reset()
+    e = torch._dynamo.explain(t.single_transformer_blocks[0].forward)(
+        torch.randn(1, 24, width), torch.randn(1, 8, width), torch.randn(1, width), image_rotary_emb=rot)
+    torch._dynamo.reset()
+    return e.graph_count, e.graph_break_count
+
+
+def test_dora_blocks_compile_as_one_graph_over_float_and_fp8_bases():
+    """peft's generic weight read (`str.startswith` on the weight's module) breaks the graph at every DoRA layer;
+    each fragment would keep its inputs and undo the checkpointing inside compiled blocks."""
+    assert _single_block_graphs("none", "lora") == (1, 0)
+    assert _single_block_graphs("none", "dora") == (1, 0)
+    assert _single_block_graphs("fp8", "dora") == (1, 0)
+
+
+def test_the_float_base_under_dora_hands_peft_its_weight_unchanged():
+    from peft.utils.integrations import dequantize_module_weight
+
+    from fluxlora.lora.dora_base import DoraBaseLinear
+    from fluxlora.lora.inject import inject
+
+    t = small_flux(0)
+    before = {n: p.detach().clone() for n, p in t.named_parameters()}
+    inject(t, LoraSettings(type="dora", rank=4, alpha=4))
+    bases = [m.base_layer for m in t.modules() if isinstance(getattr(m, "base_layer", None), DoraBaseLinear)]
+    assert len(bases) == len(fp8_linear_names(small_flux(0)))
+    assert all(dequantize_module_weight(b) is b.weight for b in bases)
+    after = {n.replace(".base_layer", ""): p for n, p in t.named_parameters() if "lora_" not in n}
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
