@@ -21,9 +21,11 @@ OPTIM = OmegaConf.create({"name": "adamw", "lr": 1e-2, "weight_decay": 0.0, "bet
                           "kwargs": {}, "scheduler": "constant", "warmup_steps": 0})
 
 
-def small_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxTransformer2DModel:
+def small_flux(seed: int = 0, dtype: torch.dtype = torch.float32,
+               layers: tuple[int, int] = (N_DOUBLE, N_SINGLE)) -> FluxTransformer2DModel:
+    """The tiny Flux with `layers` = (double, single) blocks."""
     torch.manual_seed(seed)
-    cfg = dict(tiny.TRANSFORMER, num_layers=N_DOUBLE, num_single_layers=N_SINGLE)
+    cfg = dict(tiny.TRANSFORMER, num_layers=layers[0], num_single_layers=layers[1])
     model = FluxTransformer2DModel(**cfg)
     return (model if dtype == torch.float32 else model.to(dtype)).eval()
 
@@ -35,9 +37,10 @@ def batch(seed: int = 0, n: int = 2) -> dict:
 
 
 def module_for(memory: MemorySettings | None = None, train_blocks: str = "all", seed: int = 0,
-               dtype: torch.dtype = torch.float32) -> FluxLoRAModule:
-    """The real LightningModule on the small Flux, memory settings applied as train.py applies them."""
-    transformer = small_flux(seed, dtype)
+               dtype: torch.dtype = torch.float32, layers: tuple[int, int] = (N_DOUBLE, N_SINGLE)) -> FluxLoRAModule:
+    """The real LightningModule on the small Flux (`layers` = (double, single) blocks), memory settings applied as
+    train.py applies them."""
+    transformer = small_flux(seed, dtype, layers)
     perf = PerfState(checkpoint_every=apply_memory_settings(transformer, memory or MemorySettings(), dtype))
     torch.manual_seed(seed + 1)  # LoRA init draws from the global RNG
     return FluxLoRAModule(transformer, LoraSettings(rank=4, alpha=4, train_blocks=train_blocks), FlowConfig(),

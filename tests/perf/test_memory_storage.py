@@ -170,10 +170,14 @@ def test_fp8_matmul_compiles_with_recompute_in_graph_and_trains_as_eager():
     from fluxlora.perf.speed import SpeedSettings, apply_speed_settings
     from helpers.memory_helpers import train_steps
 
-    mem = MemorySettings(base_storage="fp8", fp8_matmul=True, gradient_checkpointing=True)
-    plain = train_steps(module_for(mem), steps=2)
+    # one block of each kind (half the compile time on the CPU): both kinds compile fp8 matmuls forward and backward,
+    # and the single block's inputs carry gradients from the double block's LoRA, so a backward into a block's inputs
+    # is compiled too. More blocks only add graph variants (a double block whose inputs need gradients, a single block
+    # fed another stride) that test_speed's compiled-blocks loss-curve test covers on a 2+2-block model.
+    mem, layers = MemorySettings(base_storage="fp8", fp8_matmul=True, gradient_checkpointing=True), (1, 1)
+    plain = train_steps(module_for(mem, layers=layers), steps=2)
     torch._dynamo.reset()
-    module = module_for(mem)
+    module = module_for(mem, layers=layers)
     assert apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True),
                                 module.perf.checkpoint_every).recompute_in_graph
     compiled = train_steps(module, steps=2)
