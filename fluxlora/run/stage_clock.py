@@ -26,6 +26,8 @@ from fluxlora.atomic import atomic_write_text
 log = logging.getLogger(__name__)
 
 _GiB = float(1 << 30)
+SLOW_STEP_FACTOR = 3.0  # a repeat-shape step this many times the fastest one is listed as slow in stages.json ...
+SLOW_STEP_S = 1.0       # ... when it also took at least this long (sub-second jitter is not worth a line)
 
 
 class StageClock(L.Callback):
@@ -120,11 +122,17 @@ class StageClock(L.Callback):
     def summary(self, sampled: Optional[dict[int, float]] = None) -> dict[str, Any]:
         """The stages, steady s/step and the sampling rounds (`sampled`: step -> seconds)."""
         sampled = dict(sampled or {})
-        steady = [s["s"] for s in self.steps if not s["new_shape"] and s["step"] - 1 not in sampled]
+        repeats = [s for s in self.steps if not s["new_shape"] and s["step"] - 1 not in sampled]
+        steady = [s["s"] for s in repeats]
+        # a step of a shape seen before, with no sampling round beside it, that still took far longer than the
+        # fastest: on the H200 two such steps took 42 s in a run without a tier (CUDA graphs), and nothing said so
+        fastest = min(steady) if steady else 0.0
+        slow = {str(s["step"]): s["s"] for s in repeats if s["s"] >= max(SLOW_STEP_S, SLOW_STEP_FACTOR * fastest)}
         peaks = [v["peak_reserved_gib"] for v in self.stages.values() if "peak_reserved_gib" in v]
         return {"stages": self.stages, "steady_s_per_step": round(statistics.median(steady), 4) if steady else None,
                 "steady_steps": len(steady), "shapes": len(self._shapes),
                 "new_shape_steps_s": {str(s["step"]): s["s"] for s in self.steps if s["new_shape"]},
+                "slow_steps_s": slow,
                 "sampling_rounds_s": {str(k): round(v, 2) for k, v in sorted(sampled.items())},
                 "peak_reserved_gib": max(peaks) if peaks else None, "compiled_graphs": _compiled_graphs(),
                 "device": torch.cuda.get_device_name(self._device) if self._cuda else str(self._device)}
@@ -140,6 +148,9 @@ class StageClock(L.Callback):
         log.info("stages: %s; steady %s s/step over %d steps%s", ", ".join(parts),
                  f"{steady:.3f}" if steady is not None else "n/a", result["steady_steps"],
                  f"; peak reserved {result['peak_reserved_gib']:.2f} GiB" if result["peak_reserved_gib"] else "")
+        if result["slow_steps_s"]:
+            log.info("steps of a shape seen before that took %.0fx the fastest or more (no sampling round beside them): "
+                     "%s", SLOW_STEP_FACTOR, ", ".join(f"step {k} {v:.1f} s" for k, v in result["slow_steps_s"].items()))
         if self._path is not None:
             try:
                 atomic_write_text(self._path, json.dumps(result, indent=1))

@@ -68,3 +68,27 @@ def test_with_accumulation_the_first_step_is_the_first_optimizer_step(monkeypatc
             sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
     assert "first step: 25.0 s" in caplog.text
     assert sc.steps == [{"step": 2, "s": 1.0, "new_shape": False}]
+
+
+def test_repeat_shape_steps_far_slower_than_the_fastest_are_listed_and_logged(monkeypatch, caplog):
+    """A step of a shape seen before, without a sampling round, that takes many times the fastest (on the H200 a run
+    without a tier spent 42 s in two such steps) is named in `slow_steps_s` and in the log; sub-second jitter is not."""
+    clock = _Clock()
+    monkeypatch.setattr(stage_clock.time, "monotonic", clock)
+    sc = StageClock("cpu")
+    trainer = SimpleNamespace(global_step=0)
+    sc.on_train_start(trainer, None)
+    square, wide = torch.zeros(1, 16, 64, 64), torch.zeros(1, 16, 48, 80)
+    plan = [(square, 30.0), (wide, 20.0), (square, 21.0), (wide, 19.5), (square, 2.0), (wide, 2.1), (square, 0.3),
+            (wide, 0.9)]
+    with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
+        for i, (latents, took) in enumerate(plan):
+            sc.on_train_batch_start(trainer, None, {"latents": latents}, i)
+            clock.now += took
+            trainer.global_step += 1
+            sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
+        sc.on_train_end(trainer, None)
+        result = sc.finish()
+    assert result["new_shape_steps_s"] == {"2": 20.0}
+    assert result["slow_steps_s"] == {"3": 21.0, "4": 19.5, "5": 2.0, "6": 2.1}  # not step 8: 0.9 s is under 1 s
+    assert "step 3 21.0 s, step 4 19.5 s, step 5 2.0 s, step 6 2.1 s" in caplog.text
