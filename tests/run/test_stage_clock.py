@@ -21,6 +21,15 @@ class _Clock:
         return self.now
 
 
+def _train(sc: StageClock, trainer: SimpleNamespace, clock: _Clock, plan: list) -> None:
+    """One optimizer step per (latents, seconds it takes) of `plan`, as Lightning calls the hooks."""
+    for i, (latents, took) in enumerate(plan):
+        sc.on_train_batch_start(trainer, None, {"latents": latents}, i)
+        clock.now += took
+        trainer.global_step += 1
+        sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
+
+
 def test_steady_speed_leaves_out_new_shapes_and_sampling_rounds(monkeypatch, tmp_path, caplog):
     clock = _Clock()
     monkeypatch.setattr(stage_clock.time, "monotonic", clock)
@@ -35,11 +44,7 @@ def test_steady_speed_leaves_out_new_shapes_and_sampling_rounds(monkeypatch, tmp
     # step: (latents, seconds it takes); step 1 compiles, step 3 meets a new shape, step 5 has a sampling round
     plan = [(square, 30.0), (square, 0.5), (wide, 12.0), (square, 0.5), (square, 9.5), (wide, 0.5), (wide, 0.5)]
     with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
-        for i, (latents, took) in enumerate(plan):
-            sc.on_train_batch_start(trainer, None, {"latents": latents}, i)
-            clock.now += took
-            trainer.global_step += 1
-            sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
+        _train(sc, trainer, clock, plan)
         sc.on_train_end(trainer, None)
         clock.now += 1.0
         result = sc.finish(sampled={4: 9.0})
@@ -82,11 +87,7 @@ def test_repeat_shape_steps_far_slower_than_the_fastest_are_listed_and_logged(mo
     plan = [(square, 30.0), (wide, 20.0), (square, 21.0), (wide, 19.5), (square, 2.0), (wide, 2.1), (square, 0.3),
             (wide, 0.9)]
     with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
-        for i, (latents, took) in enumerate(plan):
-            sc.on_train_batch_start(trainer, None, {"latents": latents}, i)
-            clock.now += took
-            trainer.global_step += 1
-            sc.on_train_batch_end(trainer, None, None, {"latents": latents}, i)
+        _train(sc, trainer, clock, plan)
         sc.on_train_end(trainer, None)
         result = sc.finish()
     assert result["new_shape_steps_s"] == {"2": 20.0}
