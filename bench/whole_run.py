@@ -226,12 +226,12 @@ class SmiPeak:
 
 
 _CELLS: set = set()  # running cells: killed when this script is (a device call's time limit), never left behind
-_STOPPING: list = []  # set by SIGTERM: no cell starts after it
+_STOPPING = threading.Event()  # set by SIGTERM: no cell starts after it
 
 
 def _kill_cells(*_: object) -> None:
     """`timeout`'s SIGTERM: kill the running cells (their rows, with log tails, are still printed) and start none."""
-    _STOPPING.append(True)
+    _STOPPING.set()
     for proc in list(_CELLS):
         proc.kill()
 
@@ -245,7 +245,7 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
            f"sample.every_n_steps={args.sample_every}", f"sample.prompts_file={args.prompts}", f"name={name}",
            f"output.root={args.work}", "callbacks.progress=null", *args.overrides, *extra]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor), PYTHONUNBUFFERED="1")
-    if _STOPPING:
+    if _STOPPING.is_set():
         return {"cell": name, "rc": "not started (stopping)"}
     smi = SmiPeak()
     t0 = time.monotonic()
@@ -263,7 +263,7 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
             proc.wait()
             rc = "timeout"
         _CELLS.discard(proc)
-    if _STOPPING and rc != 0:
+    if _STOPPING.is_set() and rc != 0:
         rc = "killed (stopping)"
     out = log_path.read_text(errors="replace")
     wall = time.monotonic() - t0
@@ -342,7 +342,7 @@ def main() -> None:
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
-    if _STOPPING:
+    if _STOPPING.is_set():
         sys.exit(124)
 
 if __name__ == "__main__":

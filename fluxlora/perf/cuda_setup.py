@@ -104,5 +104,4 @@ def memory_use(device: torch.device | None = None) -> tuple[int, int] | None:
             return None
         device = torch.device("cuda", torch.cuda.current_device())
     limit = memory_limit(device)
-    held = max(torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device))
-    return None if limit is None else (held, limit)
+    return None if limit is None else (torch.cuda.max_memory_reserved(device), limit)  # the peak includes the present
