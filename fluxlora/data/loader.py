@@ -3,10 +3,11 @@
 PyTorch reports a stalled worker as `RuntimeError: DataLoader timed out after 60 seconds` and an error inside a
 worker as a multi-line traceback wrapped in the original type. `StageNamedDataLoader` turns the first into
 `StageTimeoutError('data loading', ...)` (after killing the stuck workers, so that shutting them down cannot hang
-in its turn) and the second back into the one-line fluxlora error it started as. Two waits that PyTorch leaves
+in its turn) and the second back into the one-line fluxlora error it started as. Three waits that PyTorch leaves
 unbounded are bounded here too: a batch whose shared-memory handle must be fetched from a stopped worker
-(`_StallWatch`), and a worker's death reported by PyTorch's SIGCHLD handler at a random line of the main thread
-(re-raised as a `FluxLoraError` naming the stage).
+(`_StallWatch`), a worker's death reported by PyTorch's SIGCHLD handler at a random line of the main thread
+(re-raised as a `FluxLoraError` naming the stage), and PyTorch's own wait for the lock of its done-event when a
+worker died or was stopped holding it (`_free_done_lock_of_dead_worker`).
 
 A SIGTERM/SIGINT is for the main process, which stops at a step boundary and shuts the workers down itself:
 `seed_worker` moves each worker out of the process group that `kill -- -PGID`, `timeout` or Ctrl-C signal, and a
@@ -49,6 +50,9 @@ _STAGE = "data loading"
 _PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 _TORCH_SIGNALS = "torch.utils.data._utils.signal_handling"
 _WATCH_GRACE_S = 1.0  # PyTorch's own timeout, when it applies, fires first and gives the usual message
+_WATCH_TICK_S = 0.1
+_HELD_TICKS = 3  # a live holder keeps the done-event's lock for microseconds; 3 ticks held means a dead or stopped one
+_freeing = threading.Lock()  # the watch thread and the main thread must not both free the same lock
 _worker_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()  # live PyTorch iterators with worker processes
 _fetching = 0  # > 0 while the main thread waits in a loader's next() (then a stop must not wait out the timeout)
 
@@ -178,12 +182,51 @@ def _kill_workers(it: Any) -> None:
             os.kill(w.pid, signal.SIGKILL)
 
 
+def _done_lock(it: Any) -> Any:
+    """The semaphore behind the lock of a PyTorch iterator's `_workers_done_event` (a multiprocessing Event, whose
+    Condition holds a plain `Lock`), or None."""
+    cond = getattr(getattr(it, "_workers_done_event", None), "_cond", None)
+    return getattr(getattr(cond, "_lock", None), "_semlock", None)
+
+
+def _done_lock_taken_elsewhere(it: Any) -> bool:
+    """The done-event's lock is taken, and not by this process (whose own count of it is 0)."""
+    sem = _done_lock(it)
+    return sem is not None and sem._count() == 0 and sem._get_value() == 0
+
+
+def _free_done_lock_of_dead_worker(it: Any) -> bool:
+    """Give back the done-event's lock if it is taken outside this process and a worker is dead; True if freed.
+
+    Workers take that lock for every index (`done_event.is_set()`), PyTorch on the way to a worker-died error and in
+    `_shutdown_workers`. A POSIX semaphore, it stays taken when its holder dies: the main thread waited in `sem_wait`
+    until the watchdog's step limit (measured: each case of test_worker_holding_the_done_event_lock_* hung past 30 s).
+    A bare `sem_post`: `Lock.release()` would set this process's count to -1 (`set()` then fails 'lock is not owned'),
+    and a `SemLock` rebuilt on the handle closes it when collected (measured: a segfault).
+    """
+    if os.name != "posix" or not _done_lock_taken_elsewhere(it):
+        return False
+    if all(w.is_alive() for w in getattr(it, "_workers", [])):
+        return False  # a live worker may hold it; only a dead (or killed) holder's lock is given back
+    import ctypes
+
+    with _freeing:
+        if not _done_lock_taken_elsewhere(it):
+            return False
+        if ctypes.CDLL(None, use_errno=True).sem_post(ctypes.c_void_p(_done_lock(it).handle)) != 0:
+            log.warning("could not free the DataLoader's done-event lock: errno %d", ctypes.get_errno())
+            return False
+    log.warning("freed the DataLoader's done-event lock, left taken by a worker that died or was stopped holding it")
+    return True
+
+
 class _StallWatch:
     """Kills the workers when one `next()` has waited longer than `deadline_s`.
 
     PyTorch's `timeout` bounds the wait for a batch to arrive, not the unpickling of one that did: a batch's tensors
     come as shared-memory handles fetched from the worker that made them, and a stopped worker never answers (seen
-    here with SIGSTOP). Killing the workers breaks that wait; `__next__` then reports the stall.
+    here with SIGSTOP). Killing the workers breaks that wait; `__next__` then reports the stall. It also frees the
+    done-event lock that a dead worker left taken (`_free_done_lock_of_dead_worker`), which PyTorch waits for.
     """
 
     def __init__(self, deadline_s: float, owner: Any) -> None:
@@ -204,19 +247,30 @@ class _StallWatch:
             self._waiting = None
 
     def _run(self) -> None:
-        while not self.expired and self._owner() is not None:
-            time.sleep(0.1)
+        held = 0  # consecutive ticks that found the done-event's lock taken outside this process
+        while self._owner() is not None:
+            time.sleep(_WATCH_TICK_S)
             with self._lock:
-                if self._waiting is None or time.monotonic() - self._waiting[0] <= self.deadline_s:
+                if self._waiting is None:
+                    if self.expired:
+                        return
+                    held = 0
                     continue
-                self.expired = True
+                stalled = not self.expired and time.monotonic() - self._waiting[0] > self.deadline_s
+                self.expired = self.expired or stalled
                 it = self._waiting[1]()
             try:
-                if it is not None:
+                if it is None:
+                    continue
+                if stalled:
                     _kill_workers(it)
+                held = held + 1 if _done_lock_taken_elsewhere(it) else 0
+                if held >= _HELD_TICKS and _free_done_lock_of_dead_worker(it):
+                    held = 0
             except Exception as err:  # best effort; the main thread still reports the stall
-                log.warning("could not kill the stalled DataLoader workers: %s", err)
-            del it
+                log.warning("could not kill the stalled DataLoader workers or free their lock: %s", err)
+            finally:
+                del it
 
 
 class _StageNamedIterator:
@@ -283,6 +337,7 @@ class _StageNamedIterator:
             _kill_workers(self._it)
             for w in getattr(self._it, "_workers", []):
                 w.join(timeout=1.0)
+            _free_done_lock_of_dead_worker(self._it)  # else `_shutdown_workers` waits for it forever
             self._it._shutdown_workers()
         except Exception as err:  # best effort: the timeout error is what the user must see
             log.warning("could not stop the DataLoader workers cleanly: %s", err)

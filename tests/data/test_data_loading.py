@@ -5,17 +5,18 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
 from helpers.data_fakes import FakeEncoder, assert_cache_intact, flip_member_bytes, make_folder
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fluxlora.data import FluxDataModule
 from fluxlora.data.bounded_read import bounded_read
-from fluxlora.data.loader import StageNamedDataLoader, error_from_worker
+from fluxlora.data.loader import CachedDataset, StageNamedDataLoader, error_from_worker
 from fluxlora.errors import FluxLoraError, StageTimeoutError
 
 MARGIN_S = 3.0  # process start-up and scheduling on a busy 2-core machine
@@ -58,11 +59,7 @@ def test_stopped_worker_ends_within_the_timeout_naming_the_stage(tmp_path, make_
     next(it)
     workers = it._it._workers
     assert len(workers) == 2
-    # let the workers fill their prefetch and go idle first: a worker stopped while it holds the DataLoader's
-    # done-event lock (it takes it for every index) blocks the main thread in torch's shutdown path on a semaphore
-    # no kill can free; seen once in CI (pytest-timeout at 300 s), in a real run the watchdog's step limit ends it
-    time.sleep(0.5)
-    for w in workers:
+    for w in workers:  # busy or idle: one stopped holding the done-event's lock is the test below, made certain
         os.kill(w.pid, signal.SIGSTOP)
     waited = 0.0
     try:
@@ -78,6 +75,69 @@ def test_stopped_worker_ends_within_the_timeout_naming_the_stage(tmp_path, make_
     assert str(e.value).startswith("stage 'data loading' made no progress for 2s: no batch from the 2 DataLoader")
     assert 2 <= waited < 2 + MARGIN_S, waited
     assert not any(w.is_alive() for w in workers)  # killed, so shutdown and interpreter exit cannot hang on them
+    assert_cache_intact(dm.cache_dir)
+
+
+_taken_in_this_worker = []
+
+
+def _take_done_event_lock_then(how, go):
+    """A `CachedDataset.__getitem__` whose first call in a worker takes the lock of the DataLoader's done-event (the
+    `done_event` that PyTorch's worker loop checks with `is_set()` for every index), then, once the file `go` exists,
+    stops or kills the worker (or returns, leaving the worker's own next `is_set()` blocked: its batch still goes
+    out)."""
+    read = CachedDataset.__getitem__
+
+    def getitem(self, key):
+        data = read(self, key)
+        if get_worker_info() is None or _taken_in_this_worker:
+            return data
+        _taken_in_this_worker.append(key)
+        frame = sys._getframe()
+        while frame.f_code.co_name != "_worker_loop":
+            frame = frame.f_back
+        frame.f_locals["done_event"]._cond.acquire()
+        if how != "returns":
+            while not go.exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGSTOP if how == "stops" else signal.SIGKILL)
+        return data
+
+    return getitem
+
+
+@pytest.mark.parametrize("case", ["stopped after sending its batch", "stopped before sending", "killed"])
+def test_worker_holding_the_done_event_lock_ends_within_the_timeout(tmp_path, make_cfg, monkeypatch, case):
+    """A worker stopped or killed while it holds the done-event's lock (a POSIX semaphore: the kill frees nothing)
+    used to block the main thread forever in PyTorch's `is_set()`/`set()` of that event, on the way to the error."""
+    how = {"stopped after sending its batch": "returns", "stopped before sending": "stops", "killed": "kills"}[case]
+    go = tmp_path / "go"
+    monkeypatch.setattr(CachedDataset, "__getitem__", _take_done_event_lock_then(how, go))
+    dm = _ready_dm(tmp_path, make_cfg, "data.num_workers=1", "data.num_repeats=20")
+    it = iter(dm.train_dataloader())
+    [worker] = it._it._workers
+    try:
+        if how == "returns":  # its first batch is in the pipe; fetching its tensors needs the worker to answer
+            assert it._it._data_queue._reader.poll(10)
+            os.kill(worker.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(FluxLoraError) as e:  # PyTorch's SIGCHLD handler may raise at any line: go inside the block
+            go.touch()
+            next(it)
+        waited = time.monotonic() - t0
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+    msg = str(e.value)
+    if how == "kills":
+        assert msg.startswith("stage 'data loading' failed: DataLoader worker (pid"), msg
+        assert waited < 2, waited  # found when the lock stays taken, not at the timeout
+    else:
+        assert isinstance(e.value, StageTimeoutError)
+        assert msg.startswith("stage 'data loading' made no progress for 2s: no batch from the 1 DataLoader"), msg
+        assert 2 <= waited < 2 + MARGIN_S, waited
+    assert "\n" not in msg
+    assert not worker.is_alive()
     assert_cache_intact(dm.cache_dir)
 
 
