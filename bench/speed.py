@@ -63,12 +63,14 @@ class Batches(torch.utils.data.Dataset):
 
 
 class StepTimer:
-    """Times optimizer steps after a warm-up, synchronising only at the window's ends."""
+    """Times optimizer steps after a warm-up, synchronising only at the window's ends; each warm-up step is timed on
+    its own (synchronised), so that a CUDA-graph recording step shows beside the compiling one."""
 
     def __init__(self, warm: int, profile_from: int = -1) -> None:
         import lightning as L
 
         self.prof = self.pyprof = None
+        self.warm_steps: list[float] = []
 
         class _CB(L.Callback):
             def on_train_batch_start(cb, trainer, *a):
@@ -88,18 +90,32 @@ class StepTimer:
                     torch.cuda.reset_peak_memory_stats()
                 if trainer.global_step == 0:
                     self.first = time.perf_counter()
+                if trainer.global_step < warm:
+                    torch.cuda.synchronize()
+                    self.t_step = time.perf_counter()
 
             def on_train_batch_end(cb, trainer, *a):
                 if trainer.global_step == 1:
                     torch.cuda.synchronize()
                     self.first = time.perf_counter() - self.first
+                if trainer.global_step <= warm:
+                    torch.cuda.synchronize()
+                    self.warm_steps.append(round(time.perf_counter() - self.t_step, 3))
+                if self.pyprof is not None and trainer.global_step == profile_from + 1:
+                    import pstats
+
+                    self.pyprof.disable()
+                    print(f"cProfile of step {profile_from}:", flush=True)
+                    pstats.Stats(self.pyprof).sort_stats("tottime").print_stats(25)
+                    pstats.Stats(self.pyprof).sort_stats("cumulative").print_stats(25)
+                    self.pyprof = None
 
             def on_train_end(cb, trainer, *a):
                 torch.cuda.synchronize()
                 self.t1 = time.perf_counter()
                 if self.prof is not None:
                     self.prof.__exit__(None, None, None)
-                if self.pyprof is not None:
+                if self.pyprof is not None:  # profiled the last step
                     import pstats
 
                     self.pyprof.disable()
@@ -151,7 +167,8 @@ def kernel_split(key_averages) -> dict:
 def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, precision: str, steps: int,
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
-             fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default") -> dict:
+             fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default",
+             profile_step: int = -1) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -185,7 +202,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     perf.cuda_graphs = decided.cuda_graphs
     dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
                                      persistent_workers=workers > 0, shuffle=True)
-    timer = StepTimer(warm, warm + steps - 2 if profile else -1)
+    timer = StepTimer(warm, profile_step if profile_step >= 0 else warm + steps - 2 if profile else -1)
     trainer = L.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=warm + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer.callback], num_sanity_val_steps=0)
@@ -198,6 +215,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
                skip_module_guards=skip_module_guards,
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
+               warm_steps_s=timer.warm_steps,
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                fwd_tflop=round(flops / 1e12, 2), mfu_2fwd=round(2 * flops / 1e12 / peak / dt, 3))
@@ -239,6 +257,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-finite-check", action="store_true", help="skip the per-step NaN check (a host sync)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the last two steps")
+    ap.add_argument("--profile-step", type=int, default=-1,
+                    help="profile this step instead (with PYPROFILE=1: cProfile, e.g. 1, where CUDA graphs record)")
     ap.add_argument("--ref", action="store_true", help="also run bench/ref_diffusers_step.py's step in this process")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -276,7 +296,7 @@ def main() -> None:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
                                  bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
-                                 args.skip_module_guards, att)
+                                 args.skip_module_guards, att, args.profile_step)
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,

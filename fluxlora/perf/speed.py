@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from fluxlora.perf.block_inputs import match_block_inputs
+
 log = logging.getLogger(__name__)
 
 RECOMPILE_LIMIT = 64
@@ -172,8 +174,9 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
     graph (their forward is the same code; parameters are graph inputs), so compile time does not grow with depth.
     `activation_budget`: AOTAutograd's activation memory budget for the blocks (0 = keep only their inputs).
     """
-    # each block kind gets a graph per input shape (bucket resolution) and per grad signature of its inputs (~3):
-    # dynamo's default of 8 per code object would send the blocks of a bucketed dataset back to eager
+    # each block kind gets a graph per input shape (bucket resolution), and per grad signature of its inputs where a
+    # frozen block runs before the first trainable one of its kind: dynamo's default of 8 per code object would
+    # send the blocks of a bucketed dataset back to eager
     limit = getattr(torch._dynamo.config, "recompile_limit", None)
     if limit is not None and limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
@@ -185,6 +188,7 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
                                dynamic=False)
             block.forward = fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
             n += 1
+    match_block_inputs(transformer)  # else the first trainable and the first single block compile graphs of their own
     log.info("regional torch.compile on %d blocks (mode=%s, options=%s)", n, mode, options)
     return n
 
