@@ -168,7 +168,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
              fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default",
-             profile_step: int = -1) -> dict:
+             profile_step: int = -1, keep_cache_in_capture: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -206,7 +206,19 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     trainer = L.Trainer(accelerator="cuda", devices=1, precision=precision, max_steps=warm + steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[timer.callback], num_sanity_val_steps=0)
-    trainer.fit(module, dl)
+    # an experiment: torch.cuda.graph empties the allocator's cache (and the pinned host cache) before each capture;
+    # with CUDA-graph trees that is once per block call (57 forward + 57 backward) in the step that records a shape
+    empty, host = torch.cuda.empty_cache, getattr(torch._C, "_host_emptyCache", None)  # the latter: newer torch
+    if keep_cache_in_capture:
+        torch.cuda.empty_cache = lambda: None
+        if host is not None:
+            torch._C._host_emptyCache = lambda: None
+    try:
+        trainer.fit(module, dl)
+    finally:
+        torch.cuda.empty_cache = empty
+        if host is not None:
+            torch._C._host_emptyCache = host
     dt = (timer.t1 - timer.t0) / steps
     out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
                check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
@@ -215,7 +227,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
                skip_module_guards=skip_module_guards,
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
-               warm_steps_s=timer.warm_steps,
+               warm_steps_s=timer.warm_steps, keep_cache_in_capture=keep_cache_in_capture,
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                fwd_tflop=round(flops / 1e12, 2), mfu_2fwd=round(2 * flops / 1e12 / peak / dt, 3))
@@ -259,6 +271,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the last two steps")
     ap.add_argument("--profile-step", type=int, default=-1,
                     help="profile this step instead (with PYPROFILE=1: cProfile, e.g. 1, where CUDA graphs record)")
+    ap.add_argument("--keep-cache-in-capture", type=int, nargs="+", default=[0],
+                    help="1: no allocator/pinned cache emptying before each CUDA-graph capture (an experiment)")
     ap.add_argument("--ref", action="store_true", help="also run bench/ref_diffusers_step.py's step in this process")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -288,15 +302,16 @@ def main() -> None:
         cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
     for res, batch in cells:
         for gc in args.gc:
-            for comp, graphs, mm, att in [(c, g, m, a) for c in args.compile for g in args.cudagraphs
-                                          for m in args.fp8_matmul for a in args.attention
-                                          if (c or not g) and (args.storage == "fp8" or not m)]:
+            for comp, graphs, mm, att, keep in [(c, g, m, a, k) for c in args.compile for g in args.cudagraphs
+                                                for m in args.fp8_matmul for a in args.attention
+                                                for k in args.keep_cache_in_capture
+                                                if (c or not g) and (args.storage == "fp8" or not m)]:
                 transformer = build_transformer(args.layers)
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
                                  bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
-                                 args.skip_module_guards, att, args.profile_step)
+                                 args.skip_module_guards, att, args.profile_step, bool(keep))
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,
