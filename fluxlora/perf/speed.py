@@ -55,6 +55,12 @@ class SpeedSettings:
     step of a 12gb run at 1024 px took 9.1 s from a warm cache against 33.5 s cold (bench/whole_run.py --warm).
     Torch's own default is under /tmp, which rented machines clear on restart. A `TORCHINDUCTOR_CACHE_DIR` the user
     set wins; None = torch's default."""
+    dynamic_shapes: bool = False
+    """`false`: each token count (bucket size) compiles graphs of its own, with the sizes fixed in its kernels.
+    `true`: torch.compile's automatic dynamic shapes: the second token count compiles one graph with a symbolic
+    sequence length, which then serves every later one without compiling. For datasets of many bucket sizes:
+    on the CPU (tiny Flux, five token counts, cold cache) 4 graphs and 103 s of compiling instead of 10 and 181 s.
+    Its kernels' speed on a GPU is not measured yet, so it is off by default."""
     attention: str = "auto"
     """`cudnn`: attention through fluxlora's processor with cuDNN's SDPA, flash as the fallback
     (`fluxlora.perf.attention`); `default`: diffusers' processor; `auto`: cudnn for FLUX.1 on Hopper GPUs without
@@ -62,6 +68,8 @@ class SpeedSettings:
     1024 px; default elsewhere."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dynamic_shapes, bool):
+            raise ValueError(f"speed.dynamic_shapes={self.dynamic_shapes!r} is not one of true, false")
         for name in ("compile_blocks", "recompute_in_graph", "cuda_graphs"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"speed.{name}={getattr(self, name)!r} is not one of true, false, auto")
@@ -166,13 +174,14 @@ def _with_activation_budget(fn, budget: float):
 
 
 def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, options: dict | None = None,
-                   activation_budget: float | None = None) -> int:
+                   activation_budget: float | None = None, dynamic: bool = False) -> int:
     """Compile every double and single block's `forward` in place; returns how many were wrapped.
 
     Only `forward` is compiled, not the module call: the blocks' hooks (block swapping's loads and evictions,
     checkpointing's marks) stay eager Python around the compiled graph. All blocks of a kind share one compiled
     graph (their forward is the same code; parameters are graph inputs), so compile time does not grow with depth.
     `activation_budget`: AOTAutograd's activation memory budget for the blocks (0 = keep only their inputs).
+    `dynamic`: `SpeedSettings.dynamic_shapes`.
     """
     # each block kind gets a graph per input shape (bucket resolution), and per grad signature of its inputs where a
     # frozen block runs before the first trainable one of its kind: dynamo's default of 8 per code object would
@@ -185,7 +194,7 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
         for block in getattr(transformer, name, []):
             # a copy each: torch.compile pops keys (guard_filter_fn) from the dict it is given
             fn = torch.compile(block.forward, mode=mode, options=None if options is None else dict(options),
-                               dynamic=False)
+                               dynamic=None if dynamic else False)
             block.forward = fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
             n += 1
     match_block_inputs(transformer)  # else the first trainable and the first single block compile graphs of their own
@@ -246,7 +255,7 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
     if decided.cuda_graphs and mode not in CUDA_GRAPH_MODES:
         options = {**(options or {}), "triton.cudagraphs": True}
     if settings.compile_scope == "model":
-        transformer.compile(mode=mode, options=options, dynamic=False)
+        transformer.compile(mode=mode, options=options, dynamic=None if settings.dynamic_shapes else False)
         log.info("torch.compile on the whole transformer (mode=%s, options=%s)", mode, options)
     else:
         budget = None
@@ -254,7 +263,7 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
             run_blocks_plainly(transformer)
             budget = 0.0
             log.info("gradient checkpointing inside the compiled blocks: their backward recomputes the forward")
-        compile_blocks(transformer, mode, options, budget)
+        compile_blocks(transformer, mode, options, budget, settings.dynamic_shapes)
     if decided.cuda_graphs:
         log.info("compiled blocks replay CUDA graphs")
     return decided

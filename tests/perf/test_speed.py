@@ -48,6 +48,22 @@ def test_bad_settings_are_rejected_and_auto_compiles_on_cuda_only():
     assert not hasattr(transformer.transformer_blocks[0].forward, "_torchdynamo_orig_callable")
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_dynamic_shapes_reaches_torch_compile(monkeypatch, dynamic):
+    """speed.dynamic_shapes picks torch.compile's automatic dynamic shapes (dynamic=None) over fixed sizes (False)
+    for every block; the graphs it makes are measured in bench (compiling here would cost minutes of CI)."""
+    from fluxlora.perf import speed
+
+    seen = []
+    monkeypatch.setattr(speed.torch, "compile", lambda fn, **kw: seen.append(kw["dynamic"]) or fn)
+    with pytest.raises(ValueError, match="dynamic_shapes"):
+        SpeedSettings(dynamic_shapes="yes")
+    transformer = tiny.build()["transformer"]
+    apply_speed_settings(transformer, SpeedSettings(compile_blocks=True, dynamic_shapes=dynamic), device="cpu")
+    n = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    assert seen == [None if dynamic else False] * n
+
+
 def test_run_config_applies_compile_blocks(make_cfg):
     from fluxlora.run.build import build_module
 
