@@ -224,7 +224,7 @@ def run_cell(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         out["card_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
     precision, compute_dtype = precision_for(cfg, device)
-    memory = settings(MemorySettings, cfg.memory)
+    memory = settings(MemorySettings, cfg.memory).resolved(device, int(cfg.data.resolution))  # tiers: concrete already
     stage = "load"
     try:
         transformer = load_transformer(bfl, compute_dtype, memory.base_storage, memory.load_device(device))

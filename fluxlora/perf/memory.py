@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -14,7 +14,14 @@ from fluxlora.errors import FluxLoraError
 log = logging.getLogger(__name__)
 
 STORAGE = ("none", "fp8", "nf4")
+"""How the blocks' frozen weights are held (what the loader and `apply_memory_settings` take)."""
+BASE_STORAGE = (*STORAGE, "auto")
+"""`memory.base_storage` values; `auto` is made concrete per run by `MemorySettings.resolved`."""
 T5_STORAGE = ("auto", "fp8", "full")
+AUTO_FP8_CAPABILITY = (9, 0)
+"""`auto` picks fp8 storage and matmuls from this compute capability on (Hopper): measured on the H200 only."""
+AUTO_FP8_MIN_SIDE = 1024
+"""... and from this `data.resolution` on: at 512 px the step is bound by the host and fp8 matmuls did not pay."""
 
 
 @dataclass
@@ -23,10 +30,12 @@ class MemorySettings:
 
     base_storage: str = "none"
     """`fp8`: the blocks' frozen Linear weights in float8_e4m3fn, upcast per matmul (`fluxlora.perf.fp8`).
-    `nf4`: the blocks' Linears in 4-bit NormalFloat (bitsandbytes `Linear4bit`), dequantized per matmul."""
-    fp8_matmul: bool = False
+    `nf4`: the blocks' Linears in 4-bit NormalFloat (bitsandbytes `Linear4bit`), dequantized per matmul.
+    `auto` (the shipped config's): `fp8` where fp8 matmuls pay (`resolved`), else `none`."""
+    fp8_matmul: bool | str = False
     """With `fp8` storage: multiply in fp8 on the GPU's fp8 tensor cores (`torch._scaled_mm`, compute capability 8.9+:
-    Ada, Hopper), activations and gradients scaled per row, instead of upcasting each weight to the compute dtype."""
+    Ada, Hopper), activations and gradients scaled per row, instead of upcasting each weight to the compute dtype.
+    `auto`: where it was measured to pay (`resolved`)."""
     gradient_checkpointing: bool = False
     """Recompute block activations in backward instead of storing them."""
     checkpoint_every: int = 1
@@ -48,8 +57,10 @@ class MemorySettings:
     16-bit where it fits the device's limit, else is cast to fp8 while it is read)."""
 
     def __post_init__(self) -> None:
-        if self.base_storage not in STORAGE:
-            raise ValueError(f"memory.base_storage={self.base_storage!r} is not one of {STORAGE}")
+        if self.base_storage not in BASE_STORAGE:
+            raise ValueError(f"memory.base_storage={self.base_storage!r} is not one of {BASE_STORAGE}")
+        if self.fp8_matmul not in (True, False, "auto"):
+            raise ValueError(f"memory.fp8_matmul={self.fp8_matmul!r} is not one of true, false, auto")
         if self.checkpoint_every < 1:
             raise ValueError(f"memory.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.blocks_to_swap < 0:
@@ -63,11 +74,35 @@ class MemorySettings:
                              f"{self.budget_gb}")
         if self.t5_storage not in T5_STORAGE:
             raise ValueError(f"memory.t5_storage={self.t5_storage!r} is not one of {T5_STORAGE}")
-        if self.fp8_matmul and self.base_storage != "fp8":
+        if self.fp8_matmul is True and self.base_storage not in ("fp8", "auto"):
             raise ValueError("memory.fp8_matmul needs memory.base_storage=fp8 (the weights it multiplies are fp8)")
         if self.blocks_to_swap and self.base_storage == "nf4":
             raise ValueError("memory.blocks_to_swap with memory.base_storage=nf4 is not supported: "
                              "use fp8 storage with block swapping, or nf4 without it")
+
+    def resolved(self, device: torch.device, resolution: int, flux1: bool = True) -> "MemorySettings":
+        """These settings with `auto` storage and matmuls made concrete for a run on `device` at `data.resolution`.
+
+        fp8 storage multiplied on the fp8 tensor cores where that was measured to pay: a Hopper GPU, no memory
+        budget (the tiers set their own storage; fp8 matmuls under block swapping were not measured), FLUX.1 (not
+        Chroma, not measured) at 1024 px or more. On the H200 (2026-12-02) that step took 0.3235 s against 0.3742 s
+        with the bf16 base and cuDNN attention, a whole run finished with 21 GiB less reserved (56.7 against 78.1),
+        and on the CPU the loss moved by at most 0.04 % (README "GPU benchmarks on the H200").
+        """
+        pays = (device.type == "cuda" and torch.cuda.get_device_capability(device) >= AUTO_FP8_CAPABILITY
+                and self.budget_gb is None and flux1 and resolution >= AUTO_FP8_MIN_SIDE)
+        # fp8 storage alone (upcast per matmul) is slower than the bf16 base: auto picks it only to multiply in fp8
+        storage = ("fp8" if pays and self.fp8_matmul is not False else "none") if self.base_storage == "auto" \
+            else self.base_storage
+        matmul = (pays and storage == "fp8") if self.fp8_matmul == "auto" else self.fp8_matmul
+        if matmul and storage != "fp8":
+            raise ValueError(f"memory.fp8_matmul=true needs fp8 storage; memory.base_storage=auto chose {storage} "
+                             f"here (fp8 only on Hopper GPUs without a memory budget at >= {AUTO_FP8_MIN_SIDE} px): "
+                             "set memory.base_storage=fp8")
+        if (self.base_storage == "auto" and storage == "fp8") or (self.fp8_matmul == "auto" and matmul):  # pays
+            log.info("memory: base weights in fp8%s (auto: %s, no memory budget, data.resolution %d)",
+                     ", multiplied in fp8" if matmul else "", torch.cuda.get_device_name(device), resolution)
+        return replace(self, base_storage=storage, fp8_matmul=matmul)
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where the transformer is read to: the host when only part of it may go to the GPU (swap) or when it is
@@ -84,6 +119,8 @@ def apply_memory_settings(transformer: torch.nn.Module, settings: MemorySettings
     `device`: where NF4 weights are quantized to (default: where the weights are). Returns the checkpointing
     interval applied (0 = off), for `PerfState.checkpoint_every`.
     """
+    if "auto" in (settings.base_storage, settings.fp8_matmul):
+        raise ValueError("memory settings with `auto` values: make them concrete with MemorySettings.resolved first")
     if settings.base_storage == "fp8":
         from fluxlora.perf.fp8 import store_fp8
 

@@ -23,7 +23,7 @@ from fluxlora.perf.speed import apply_speed_settings
 from fluxlora.perf.state import PerfState
 from fluxlora.run.loggers import run_loggers
 from fluxlora.run.resume import CheckpointLayout, base_model
-from fluxlora.run.settings import RunSettings, check_config
+from fluxlora.run.settings import RunSettings, check_config, for_device
 from fluxlora.training.module import FluxLoRAModule
 
 
@@ -165,7 +165,7 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     Returns:
         (FluxLoRAModule, BlockSwapper or None); the module's `perf` holds what each step decided.
     """
-    run = run if run is not None else check_config(cfg)
+    run = run if run is not None else for_device(check_config(cfg), cfg, device)
     memory = run.memory
     perf = PerfState(checkpoint_every=apply_memory_settings(transformer, memory, compute_dtype, device))
     module = FluxLoRAModule(transformer, run.lora, run.flow, run.optim, total_steps=steps, compute_dtype=compute_dtype,

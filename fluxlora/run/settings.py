@@ -5,7 +5,7 @@ key; what passes is handed down typed, so nothing downstream parses a group agai
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -113,6 +113,19 @@ def check_config(cfg: DictConfig) -> RunSettings:
     resolve_dtype(cfg.model.get("dtype"))
     train = TrainSettings(str(cfg.train.nonfinite), int(cfg.train.max_nonfinite_skips))
     return RunSettings(**groups, optim=optim, train=train)
+
+
+def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
+    """`run` with what depends on the device made concrete: `memory.base_storage` / `memory.fp8_matmul: auto`
+    (`MemorySettings.resolved`), from the device and the bucket area `data.resolution` asks for."""
+    from fluxlora.data.settings import parse_resolution
+
+    w, h = parse_resolution(cfg.data.get("resolution", 512), "data")
+    flux1 = str(cfg.model.get("arch") or "flux") == "flux"
+    try:
+        return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1))
+    except ValueError as e:
+        raise FluxLoraError(str(e)) from None
 
 
 def _check_format(cfg: DictConfig, lora: LoraSettings | None) -> None:

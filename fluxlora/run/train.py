@@ -30,7 +30,7 @@ from fluxlora.run.build import (build_callbacks, build_module, checkpoint_layout
 from fluxlora.run.hydra_job import job_name
 from fluxlora.run.ranks import end_process_group, rank_failure, start_ranks, tag_logs
 from fluxlora.run.resume import ResumePlan, finished_run, report_complete, resume_plan
-from fluxlora.run.settings import RunSettings, check_config
+from fluxlora.run.settings import RunSettings, check_config, for_device
 from fluxlora.run.stage_clock import StageClock
 
 log = logging.getLogger("fluxlora")
@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> float | None:
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)  # before anything touches the GPU: each rank its own
             device = torch.device("cuda", info.local_rank)
-    settings = check_config(cfg)
+    settings = for_device(check_config(cfg), cfg, device)
     done = finished_run(cfg, settings.lora, *checkpoint_layout(cfg, out))
     if done is not None:  # nothing to do: no config, heartbeat or cache file of the finished run is rewritten
         return report_complete(name, out, done) if info.rank == 0 else None
