@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fluxlora.distributed.strategy import DistributedSettings
+from fluxlora.distributed.strategy import DistributedSettings, requested_processes
 from fluxlora.errors import FluxLoraError
 from fluxlora.training.flow import FlowConfig
 from fluxlora.lora.inject import LoraSettings
@@ -122,8 +122,9 @@ def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
 
     w, h = parse_resolution(cfg.data.get("resolution", 512), "data")
     flux1 = str(cfg.model.get("arch") or "flux") == "flux"
+    devices, nodes = requested_processes(cfg, device)
     try:
-        return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1))
+        return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1, devices * nodes))
     except ValueError as e:
         raise FluxLoraError(str(e)) from None
 

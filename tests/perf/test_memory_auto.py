@@ -33,11 +33,12 @@ def test_auto_is_fp8_matmuls_on_hopper_at_1024_px_without_a_budget(gpu, caplog):
     assert _concrete(auto.resolved(gpu((10, 0)), 1536)) == ("fp8", True)
 
 
-@pytest.mark.parametrize("why", ["cpu", "ada", "512 px", "budget", "chroma"])
+@pytest.mark.parametrize("why", ["cpu", "ada", "512 px", "budget", "chroma", "ddp"])
 def test_auto_is_the_bf16_base_where_fp8_was_not_measured_to_pay(gpu, why):
     m = MemorySettings(base_storage="auto", fp8_matmul="auto", budget_gb=24 if why == "budget" else None)
     device = torch.device("cpu") if why == "cpu" else gpu((8, 9) if why == "ada" else (9, 0))
-    got = m.resolved(device, 512 if why == "512 px" else 1024, flux1=why != "chroma")
+    got = m.resolved(device, 512 if why == "512 px" else 1024, flux1=why != "chroma",
+                     processes=2 if why == "ddp" else 1)
     assert _concrete(got) == ("none", False)
 
 
@@ -62,7 +63,10 @@ def test_unresolved_auto_is_refused_where_settings_are_applied():
         apply_memory_settings(torch.nn.Linear(2, 2), MemorySettings(base_storage="auto"), torch.float32)
 
 
-def test_the_shipped_config_resolves_per_run(make_cfg, gpu):
+def test_the_shipped_config_resolves_per_run(make_cfg, gpu, monkeypatch):
+    import fluxlora.run.settings as run_settings
+
+    monkeypatch.setattr(run_settings, "requested_processes", lambda cfg, device: (1, 1))  # the fake GPU has no count
     cfg = make_cfg()
     raw = check_config(cfg).memory
     assert _concrete(raw) == ("auto", "auto")
