@@ -86,13 +86,14 @@ class MemorySettings:
 
         fp8 storage multiplied on the fp8 tensor cores where that was measured to pay: a Hopper GPU, no memory
         budget (the tiers set their own storage; fp8 matmuls under block swapping were not measured), FLUX.1 (not
-        Chroma, not measured) at 1024 px or more, one process (`processes`: ranks of the run; DDP not measured). On the H200 (2026-12-02) that step took 0.3235 s against 0.3742 s
-        with the bf16 base and cuDNN attention, a whole run finished with 21 GiB less reserved (56.7 against 78.1),
-        and on the CPU the loss moved by at most 0.04 % (README "GPU benchmarks on the H200").
-        """
+        Chroma, not measured) at 1024 px or more, one process (`processes`: ranks of the run; DDP not measured).
+        On the H200 (2026-12-02) that step took 0.3235 s against 0.3742 s with the bf16 base and cuDNN attention, a
+        whole run finished with 21 GiB less reserved (56.7 against 78.1), and on the CPU the loss moved by at most
+        0.04 % (README "GPU benchmarks on the H200")."""
         pays = (device.type == "cuda" and torch.cuda.get_device_capability(device) >= AUTO_FP8_CAPABILITY
                 and self.budget_gb is None and flux1 and resolution >= AUTO_FP8_MIN_SIDE and processes == 1)
-        # fp8 storage alone (upcast per matmul) is slower than the bf16 base: auto picks it only to multiply in fp8
+        # fp8 storage alone (upcast per matmul) ran no faster than the bf16 base (H100, 1024 px: 0.480 against 0.475
+        # s/step, README rows C-D): auto picks it only to multiply in fp8
         storage = ("fp8" if pays and self.fp8_matmul is not False else "none") if self.base_storage == "auto" \
             else self.base_storage
         matmul = (pays and storage == "fp8") if self.fp8_matmul == "auto" else self.fp8_matmul
