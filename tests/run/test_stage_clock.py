@@ -46,9 +46,12 @@ def test_steady_speed_leaves_out_new_shapes_and_sampling_rounds(monkeypatch, tmp
     with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
         _train(sc, trainer, clock, plan)
         sc.on_train_end(trainer, None)
+        clock.now += 4.0  # end-of-training callbacks, then Lightning's teardown
+        sc.on_fit_end(trainer, None)
         clock.now += 1.0
         result = sc.finish(sampled={4: 9.0})
     assert result["stages"]["load"]["s"] == 2.0 and result["stages"]["cache"]["s"] == 3.0
+    assert result["stages"]["after_steps"]["s"] == 4.0 and result["stages"]["after_fit"]["s"] == 1.0
     assert result["stages"]["first_step"]["s"] == 30.0
     assert result["steady_s_per_step"] == 0.5 and result["steady_steps"] == 4  # steps 2, 4, 6, 7
     assert result["new_shape_steps_s"] == {"3": 12.0} and result["shapes"] == 2
