@@ -11,9 +11,10 @@ Each cell is one `python -m fluxlora` process: `+vram=<tier>` sets `memory.budge
 the allocator is capped at budget - 1 GiB exactly as on a card of that size. Its Inductor cache starts empty (cold);
 `--warm` runs the cell again (same steps, sampling off) with the cache it left, so every bucket shape loads its
 graphs. nvidia-smi is sampled every 0.2 s. Per cell: exit status, LoRA file and sample grids present, `stages.json`
-(time and peak reserved memory of load, cache, build, first step, steps, after the steps; steady s/step; each
-sampling round; each new bucket shape's first step; repeat-shape steps far slower than the fastest; graphs compiled), `first_and_new_shape_steps_s` (the first step
-plus each new shape's first step: what compiling cost before steady speed) and nvidia-smi's peak.
+(time and peak reserved memory of load, cache, build, first step, steps, after the steps, after fit; steady s/step; each
+sampling round; each new bucket shape's first step; repeat-shape steps far slower than the fastest; graphs
+compiled), `first_and_new_shape_steps_s` (the first step plus each new shape's first step: what compiling cost
+before steady speed) and nvidia-smi's peak.
 
 `--model flux-kontext` trains the Kontext preset on the same files with a "before" image per target (Kontext-dev has
 FLUX.1-dev's layout) and renders each sample from a control image (`--ci`); `--model chroma` writes a full-size

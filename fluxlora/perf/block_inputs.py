@@ -18,6 +18,7 @@ step. The hooks act only with grad enabled: sampling runs the blocks uncompiled 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any
@@ -54,10 +55,11 @@ def _states(block: torch.nn.Module) -> int:
     return 2 if "encoder_hidden_states" in params else 1
 
 
-def _as_grad_leaves(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+def _as_grad_leaves(module: torch.nn.Module, args: tuple, kwargs: dict, states: int) -> tuple[tuple, dict] | None:
+    """The first `states` of `_STATES` as leaves that require grad (`states`: `_states(module)`, read once)."""
     if not torch.is_grad_enabled():
         return None
-    for i in range(_states(module)):
+    for i in range(states):
         x = _get(args, kwargs, i)
         if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.requires_grad:
             args, kwargs = _set(args, kwargs, i, x.detach().requires_grad_())
@@ -87,7 +89,8 @@ def match_block_inputs(transformer: torch.nn.Module) -> list[Any]:
     blocks = _blocks(transformer)
     first = next(((kind, i, b) for kind, i, b in blocks if any(p.requires_grad for p in b.parameters())), None)
     if first is not None:
-        handles.append(first[2].register_forward_pre_hook(_as_grad_leaves, with_kwargs=True))
+        grad_leaves = functools.partial(_as_grad_leaves, states=_states(first[2]))  # the signature, not per call
+        handles.append(first[2].register_forward_pre_hook(grad_leaves, with_kwargs=True))
     singles = getattr(transformer, "single_transformer_blocks", [])
     if len(singles) > 1 and _states(singles[0]) == 2:
         # registered after the grad hook when both are on this block: the grad leaves are then the two states,
