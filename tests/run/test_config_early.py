@@ -75,6 +75,9 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "budget": (["memory.budget_gb=abc"], "memory.budget_gb='abc' must be a number or null"),
         "t5_storage": (["memory.t5_storage=fp4"], "memory.t5_storage='fp4' is not one of"),
         "cache_batch": (["data.cache_batch_size=0"], "data.cache_batch_size=0 must be a positive integer or auto"),
+        # the shipped memory.base_storage=auto keeps the bf16 base on the CPU: fp8 matmuls have no fp8 weights
+        "fp8_matmul_on_auto": (["memory.fp8_matmul=true"],
+                               "memory.fp8_matmul=true needs fp8 storage; memory.base_storage=auto chose none here"),
     }
 
 
@@ -141,7 +144,7 @@ def test_every_shipped_optimizer_preset_passes_the_check():
 def test_config_mistakes_on_the_cli_are_one_line_within_seconds(tmp_path):
     paths = _dataset(tmp_path)
     cases = {k: v for k, v in _cases(paths).items()
-             if k in ("lr_not_a_number", "prompt_flag", "toml_misspelt_key", "data_path_is_a_file")}
+             if k in ("lr_not_a_number", "prompt_flag", "toml_misspelt_key", "data_path_is_a_file", "fp8_matmul_on_auto")}
     running = {}
     for name, (overrides, _) in cases.items():  # together: each is mostly start-up (imports)
         cwd = tmp_path / name
