@@ -144,7 +144,8 @@ def test_every_shipped_optimizer_preset_passes_the_check():
 def test_config_mistakes_on_the_cli_are_one_line_within_seconds(tmp_path):
     paths = _dataset(tmp_path)
     cases = {k: v for k, v in _cases(paths).items()
-             if k in ("lr_not_a_number", "prompt_flag", "toml_misspelt_key", "data_path_is_a_file", "fp8_matmul_on_auto")}
+             if k in ("lr_not_a_number", "prompt_flag", "toml_misspelt_key", "data_path_is_a_file",
+                      "fp8_matmul_on_auto")}
     running = {}
     for name, (overrides, _) in cases.items():  # together: each is mostly start-up (imports)
         cwd = tmp_path / name
