@@ -1,8 +1,9 @@
 """The adapter types (`lora.type`): which peft config builds each, and how to read an injected layer's tensors.
 
-One owner of the per-type differences, so injection, export and reading a file agree on them. peft names the
-tensors as LyCORIS does (`lokr_w1`, `hada_w1_a`, ...), so a layer's tensors are returned under those names and the
-file code only adds a prefix. DoRA is a LoRA with a magnitude vector (peft `LoraConfig(use_dora=True)`).
+One owner of the per-type differences (the type names are `fluxlora.lora.settings`'), so injection, export and
+reading a file agree on them. peft names the tensors as LyCORIS does (`lokr_w1`, `hada_w1_a`, ...), so a layer's
+tensors are returned under those names and the file code only adds a prefix. DoRA is a LoRA with a magnitude
+vector (peft `LoraConfig(use_dora=True)`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from fluxlora.lora.settings import LYCORIS, NAMES, TYPES  # the names are the settings'; re-exported
+
 ADAPTER = "default"
-TYPES = ("lora", "dora", "lokr", "loha")
-NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
-"""How logs and messages spell each type."""
-LYCORIS = ("lokr", "loha")
-"""Types whose peft layers are LyCORIS layers (no lora_A/lora_B; no input dropout)."""
 TENSORS = {
     "lora": ("lora_A", "lora_B"),
     "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),

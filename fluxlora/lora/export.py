@@ -17,10 +17,7 @@ from fluxlora.lora.adapters import layer_kind, layer_tensors
 from fluxlora.lora.export_lycoris import dora_scale, loha_fused, lokr_state_dict
 from fluxlora.lora.inject import ADAPTER, lora_layers
 from fluxlora.lora.keys import kohya_parts, kohya_slot
-
-DIFFUSERS_TYPES = ("lora", "dora", "lokr")
-"""Types diffusers 0.42 loads from peft keys: LoRA and DoRA through `load_lora_weights`, LoKr only through
-`transformer.load_lora_adapter` (FluxPipeline's loader wants 'lora' in every key); LoHa not at all."""
+from fluxlora.lora.settings import DIFFUSERS_TYPES, check_export_format  # checked with the settings; re-exported
 
 
 def _down_up(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -126,10 +123,3 @@ def diffusers_state_dict(transformer: torch.nn.Module, dtype: torch.dtype = torc
         if kind == "dora":
             out[f"transformer.{name}.lora_magnitude_vector"] = dora_scale(layer).flatten().to(dtype).contiguous()
     return out
-
-
-def check_export_format(fmt: str, kind: str) -> None:
-    """A diffusers-keyed file only for types diffusers can load: never an unloadable file."""
-    if fmt in ("diffusers", "both") and kind not in DIFFUSERS_TYPES:
-        raise ValueError(f"output.format={fmt} cannot hold lora.type={kind}: diffusers 0.42 cannot load "
-                         f"{kind} weights; use output.format=kohya (LyCORIS keys, read by ComfyUI/Forge)")

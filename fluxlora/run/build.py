@@ -15,7 +15,8 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fluxlora.distributed.health import heartbeat_path, peers_summary
-from fluxlora.distributed.strategy import DistributedSettings, RankInfo, build_strategy, requested_processes
+from fluxlora.distributed.settings import DistributedSettings, RankInfo, requested_processes
+from fluxlora.distributed.strategy import build_strategy
 from fluxlora.errors import FluxLoraError
 from fluxlora.models.components import resolve_dtype
 from fluxlora.perf.memory import apply_memory_settings, enable_block_swap
@@ -25,16 +26,6 @@ from fluxlora.run.loggers import run_loggers
 from fluxlora.run.resume import CheckpointLayout, base_model
 from fluxlora.run.settings import RunSettings, check_config, for_device
 from fluxlora.training.module import FluxLoRAModule
-
-
-def device_for(cfg: DictConfig) -> torch.device:
-    """The device `trainer.accelerator` asks for; a GPU asked for and not there is an error, not a CPU run."""
-    acc = str(cfg.trainer.accelerator)
-    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if acc in ("gpu", "cuda"):
-        raise FluxLoraError(f"trainer.accelerator={acc} but no CUDA device is visible")
-    return torch.device("cpu")
 
 
 def precision_for(cfg: DictConfig, device: torch.device) -> tuple[str, torch.dtype]:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from fluxlora.distributed.health import diagnose
 from fluxlora.distributed.launch import RankLauncher
-from fluxlora.distributed.strategy import DistributedSettings, RankInfo
+from fluxlora.distributed.settings import DistributedSettings, RankInfo
 from fluxlora.errors import FluxLoraError, RankFailedError
 from fluxlora.run.hydra_job import is_multirun
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Protocol
 import torch
 
 from fluxlora.errors import FluxLoraError
-from fluxlora.lora.inject import LoraSettings
+from fluxlora.lora.settings import LoraSettings
 
 log = logging.getLogger("fluxlora")
 

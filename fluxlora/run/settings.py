@@ -1,6 +1,7 @@
 """The run's configuration checked before anything is loaded or written, and parsed once into `RunSettings`: every
 settings group, the optimizer, the trainer's numbers. A mistake ends the run within seconds, in one line naming the
-key; what passes is handed down typed, so nothing downstream parses a group again."""
+key; what passes is handed down typed, so nothing downstream parses a group again. Nothing imported here loads
+Lightning, peft or diffusers (torch only): `python -m fluxlora` reports a mistake after about a second of imports."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fluxlora.distributed.strategy import DistributedSettings, requested_processes
+from fluxlora.distributed.settings import DistributedSettings, requested_processes
 from fluxlora.errors import FluxLoraError
 from fluxlora.training.flow import FlowConfig
-from fluxlora.lora.inject import LoraSettings
+from fluxlora.lora.settings import LoraSettings, check_export_format
 from fluxlora.perf.memory import MemorySettings
 from fluxlora.models.components import resolve_dtype
-from fluxlora.training.module import NONFINITE
 from fluxlora.training.optim import OptimSettings, check_optim
+from fluxlora.training.settings import NONFINITE, TrainSettings
 from fluxlora.perf.speed import SpeedSettings
 from fluxlora.training.validation import ValidationSettings
 
@@ -55,14 +57,6 @@ def _fits(value: Any, t: Any) -> bool:
     if t in (bool, str, dict, list, tuple):
         return isinstance(value, t)
     return True  # a type a config value cannot be checked against here: the dataclass checks it
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """The `train` group: what a non-finite loss does."""
-
-    nonfinite: str = "stop"
-    max_nonfinite_skips: int = 10
 
 
 @dataclass(frozen=True)
@@ -115,6 +109,16 @@ def check_config(cfg: DictConfig) -> RunSettings:
     return RunSettings(**groups, optim=optim, train=train)
 
 
+def device_for(cfg: DictConfig) -> torch.device:
+    """The device `trainer.accelerator` asks for; a GPU asked for and not there is an error, not a CPU run."""
+    acc = str(cfg.trainer.accelerator)
+    if acc in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if acc in ("gpu", "cuda"):
+        raise FluxLoraError(f"trainer.accelerator={acc} but no CUDA device is visible")
+    return torch.device("cpu")
+
+
 def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
     """`run` with what depends on the device made concrete: `memory.base_storage` / `memory.fp8_matmul: auto`
     (`MemorySettings.resolved`), from the device and the bucket area `data.resolution` asks for."""
@@ -131,8 +135,6 @@ def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
 
 def _check_format(cfg: DictConfig, lora: LoraSettings | None) -> None:
     """A LoRA type the chosen file format cannot hold ends the run now, not at the first save."""
-    from fluxlora.lora.export import check_export_format
-
     fmt = cfg.get("output", {}).get("format")
     if lora is not None and fmt is not None:
         try:

@@ -18,19 +18,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fluxlora.atomic import atomic_write_text
 from fluxlora.data import FluxDataModule
 from fluxlora.data.datamodule import cache_batch_size
-from fluxlora.distributed.strategy import RankInfo, is_collective_failure, rank_info
+from fluxlora.distributed.settings import RankInfo, rank_info
+from fluxlora.distributed.strategy import is_collective_failure
 from fluxlora.errors import FluxLoraError, RunInterrupted, stage_error
 from fluxlora.heartbeat import heartbeat, last_stage
 from fluxlora.models import load_components
 from fluxlora.models.encode import StagedEncoders
 from fluxlora.perf.cuda_setup import memory_limit, memory_use, prepare_cuda
-from fluxlora.run.build import (build_callbacks, build_module, checkpoint_layout, connect_callbacks, device_for,
-                                make_trainer, precision_for, record_run, run_record, start_watchdog,
-                                total_optimizer_steps)
+from fluxlora.run.build import (build_callbacks, build_module, checkpoint_layout, connect_callbacks, make_trainer,
+                                precision_for, record_run, run_record, start_watchdog, total_optimizer_steps)
 from fluxlora.run.hydra_job import job_name
 from fluxlora.run.ranks import end_process_group, rank_failure, start_ranks, tag_logs
 from fluxlora.run.resume import ResumePlan, finished_run, report_complete, resume_plan
-from fluxlora.run.settings import RunSettings, check_config, for_device
+from fluxlora.run.settings import RunSettings, check_config, device_for, for_device
 from fluxlora.run.stage_clock import StageClock
 
 log = logging.getLogger("fluxlora")

@@ -21,11 +21,10 @@ from fluxlora.lora.adapters import NAMES
 from fluxlora.lora.init_from import inject_and_load
 from fluxlora.lora.inject import LoraSettings, lora_parameters
 from fluxlora.training.optim import build_optimizer, build_scheduler
+from fluxlora.training.settings import NONFINITE
 from fluxlora.perf.state import PerfState
 
 log = logging.getLogger(__name__)
-
-NONFINITE = ("stop", "skip")
 
 
 def _arch_of(transformer: torch.nn.Module) -> str:
