@@ -20,7 +20,7 @@ from fluxlora.callbacks import LoRASaver, ValidationLoss
 from fluxlora.data.holdout import hold_out
 from fluxlora.data.images import ImageRecord
 from fluxlora.errors import FluxLoraError
-from fluxlora.run import train as train_mod
+from fluxlora.run import job as job_mod
 from fluxlora.run.settings import check_config
 from fluxlora.run.train import run
 
@@ -28,8 +28,8 @@ FAST = ("~callbacks.sampler", "output.dtype=fp32")
 
 
 def _add_callback(monkeypatch, name: str, callback: L.Callback) -> None:
-    real = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda *a, **k: {**real(*a, **k), name: callback})
+    real = job_mod.build_callbacks
+    monkeypatch.setattr(job_mod, "build_callbacks", lambda *a, **k: {**real(*a, **k), name: callback})
 
 
 def _val_rows(cfg) -> list[tuple[int, float]]:
@@ -169,7 +169,7 @@ def test_validation_data_mistakes_end_before_the_model_loads(make_cfg, monkeypat
     def no_loading(*args, **kwargs):
         raise AssertionError("the model loader was called before the validation data was checked")
 
-    monkeypatch.setattr(train_mod, "load_components", no_loading)
+    monkeypatch.setattr(job_mod, "load_components", no_loading)
     missing = tmp_path / "no_such_folder"
     with pytest.raises(FluxLoraError) as e:
         run(make_cfg(override.format(missing=missing)))

@@ -136,9 +136,9 @@ def test_control_resize_must_be_known(make_cfg, tmp_path):
 
 
 def test_kontext_without_controls_and_controls_without_kontext_fail_before_loading(make_cfg, tmp_path, monkeypatch):
-    from fluxlora.run import train
+    from fluxlora.run import job, train
 
-    monkeypatch.setattr(train, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(job, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     images, controls = _paired(tmp_path)
     with pytest.raises(FluxLoraError, match=r"model=tiny-kontext \(FLUX.1 Kontext\) trains on paired images"):
         train.run(make_cfg("model=tiny-kontext", "data=folder", f"data.path={images}", "~callbacks.sampler"))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fluxlora.models.encode as encode_mod
+import fluxlora.run.job as job_mod
 import fluxlora.run.train as train_mod
 from helpers.data_fakes import FakeEncoder, make_folder
 from fluxlora.data.cache import CacheItem, LatentCache
@@ -52,14 +53,14 @@ def test_a_run_stages_its_encoders_one_at_a_time(make_cfg, monkeypatch):
     Accountant.log, Accountant.resident, Accountant.ran, Accountant.hooked = [], {}, [], set()
     monkeypatch.setattr(encode_mod, "DevicePlacement", Accountant)
     captured, at_step = {}, []
-    load = train_mod.load_components
+    load = job_mod.load_components
 
     def load_and_watch(*a, **kw):
         comps = load(*a, **kw)
         captured.update(comps=comps, clip=weakref.ref(comps.text_encoder), t5=weakref.ref(comps.text_encoder_2))
         return comps
 
-    monkeypatch.setattr(train_mod, "load_components", load_and_watch)
+    monkeypatch.setattr(job_mod, "load_components", load_and_watch)
     step = FluxLoRAModule.training_step
 
     def watched_step(self, batch, batch_idx):

@@ -13,7 +13,7 @@ FAST = ("trainer.max_steps=2", "~callbacks.sampler", "~callbacks.model_card")
 
 
 def test_a_finished_run_of_another_base_model_is_not_complete_and_is_refused_before_loading(make_cfg, monkeypatch):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
 
     first = make_cfg(*FAST)
     run(first)
@@ -23,7 +23,7 @@ def test_a_finished_run_of_another_base_model_is_not_complete_and_is_refused_bef
     def load(*args, **kwargs):
         raise AssertionError("the mismatch must be found before the model loads")
 
-    monkeypatch.setattr(train_mod, "load_components", load)
+    monkeypatch.setattr(job_mod, "load_components", load)
     with pytest.raises(FluxLoraError, match=r"trained on another base model \(model.preset=tiny; this run: "
                                             r"model.preset=flux-dev, model.path=/models/dev\)"):
         run(make_cfg(*FAST, "model=flux-dev", "model.path=/models/dev", "name=flux-lora"))

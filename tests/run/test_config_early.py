@@ -84,7 +84,7 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """The model loader fails the test if a config mistake lets the run get that far."""
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
 
     calls = []
 
@@ -92,7 +92,7 @@ def no_model_loading(monkeypatch):
         calls.append(args)
         raise AssertionError("the model loader was called before the configuration was checked")
 
-    monkeypatch.setattr(train_mod, "load_components", load)
+    monkeypatch.setattr(job_mod, "load_components", load)
     return calls
 
 

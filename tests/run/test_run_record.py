@@ -35,7 +35,7 @@ def finished(make_cfg) -> Path:
 
 def test_rerun_of_a_finished_run_is_complete_before_loading_and_rewrites_nothing(finished, make_cfg, monkeypatch,
                                                                               capsys):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
 
     before = _stamp(finished)
     capsys.readouterr()
@@ -43,7 +43,7 @@ def test_rerun_of_a_finished_run_is_complete_before_loading_and_rewrites_nothing
     def load(*args, **kwargs):
         raise AssertionError("a finished run must not load the model")
 
-    monkeypatch.setattr(train_mod, "load_components", load)
+    monkeypatch.setattr(job_mod, "load_components", load)
     t0 = time.monotonic()
     assert run(make_cfg(*FAST)) is None
     assert time.monotonic() - t0 < 5.0

@@ -111,22 +111,22 @@ def test_atomic_open_names_the_destination_not_the_temp_file(tmp_path, monkeypat
 
 
 def _oom_in_loading(monkeypatch):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
 
     def load(*args, **kwargs):
         raise oom()
 
-    monkeypatch.setattr(train_mod, "load_components", load)
+    monkeypatch.setattr(job_mod, "load_components", load)
 
 
 def _oom_in_caching(monkeypatch):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
 
-    class Encoders(train_mod.StagedEncoders):
+    class Encoders(job_mod.StagedEncoders):
         def images(self, images):
             raise oom()
 
-    monkeypatch.setattr(train_mod, "StagedEncoders", Encoders)
+    monkeypatch.setattr(job_mod, "StagedEncoders", Encoders)
 
 
 def _oom_in_lora_save(monkeypatch):
@@ -160,10 +160,10 @@ def test_out_of_memory_in_each_stage_is_one_line_naming_it(make_cfg, capsys, mon
 
 
 def test_out_of_memory_line_carries_the_measured_use_and_limit(make_cfg, capsys, monkeypatch):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
 
     _oom_in_loading(monkeypatch)
-    monkeypatch.setattr(train_mod, "memory_use", lambda: (int(6.92 * GiB), 7 * GiB))  # what the run reports
+    monkeypatch.setattr(job_mod, "memory_use", lambda: (int(6.92 * GiB), 7 * GiB))  # what the run reports
     code, errors_, _ = _main(make_cfg(*FAST), capsys, monkeypatch)
     assert code == 2 and errors_ == [
         "fluxlora: error: stage 'load_model' ran out of GPU memory (6.92 GiB of 7.00 GiB): use a smaller +vram tier, "

@@ -78,11 +78,11 @@ class _PoisonBatch:
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_in_a_real_run(make_cfg, policy, monkeypatch):
-    from fluxlora.run import train as train_mod
+    from fluxlora.run import job as job_mod
     from fluxlora.errors import FluxLoraError
 
-    real = train_mod.build_callbacks
-    monkeypatch.setattr(train_mod, "build_callbacks", lambda *a, **k: {**real(*a, **k), "poison": _PoisonBatch(2).callback})
+    real = job_mod.build_callbacks
+    monkeypatch.setattr(job_mod, "build_callbacks", lambda *a, **k: {**real(*a, **k), "poison": _PoisonBatch(2).callback})
     cfg = make_cfg("trainer.max_steps=4", "~callbacks.sampler", f"train.nonfinite={policy}")
     if policy == "stop":
         with pytest.raises(FluxLoraError, match=r"non-finite loss at step 2 on batch \[.*img_0"):
