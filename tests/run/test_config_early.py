@@ -2,7 +2,8 @@
 the key or file: settings groups, optimizer, sample prompts, dataset.toml keys, a data.path that is a file.
 
 The in-process cases time each mistake and replace the model loader with one that fails the test if it is called;
-one slow case runs the real CLI for several mistakes at once and checks the single `fluxlora: error:` line.
+one slow case runs the real CLI for several mistakes at once and checks the single `fluxlora: error:` line (and that
+a mistake in the settings is reported before Lightning, peft or transformers are imported).
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from fluxlora.training.optim import check_optim
 from fluxlora.run.train import run
 
 LIMIT_S = 5.0  # in-process, no imports: a check that waits for nothing takes well under a second
+TRAINING_STACK = {"lightning", "peft", "transformers"}
+"""Packages the settings check runs without: seconds of start-up, loaded only once the settings pass. (diffusers'
+schedules may load for it: `check_optim` builds the optimizer and schedule, so that they refuse what they refuse.)"""
+SETTINGS_CASES = ("lr_not_a_number", "fp8_matmul_on_auto")
+"""CLI cases that end in the settings check (the others end in the dataset scan or a callback, under Lightning)."""
 
 
 def _dataset(root: Path) -> dict[str, Path]:
@@ -151,6 +157,7 @@ def test_config_mistakes_on_the_cli_are_one_line_within_seconds(tmp_path):
         cwd = tmp_path / name
         cwd.mkdir()
         cmd = fluxlora_cmd(cwd, "model=flux-dev", f"model.path={tmp_path / 'no_such_model'}", *overrides)
+        cmd[1:1] = ["-X", "importtime"]  # every import, one stderr line each: which packages the check needed
         out = (cwd / "out.txt").open("w")
         running[name] = (subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT),
                          out, time.monotonic())
@@ -166,8 +173,14 @@ def test_config_mistakes_on_the_cli_are_one_line_within_seconds(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     for name, r in results.items():
-        errors = [x for x in r.text.splitlines() if x.startswith("fluxlora: error:")]
-        assert r.rc == 2, f"{name}: {r.text[-2000:]}"
+        lines = [x for x in r.text.splitlines() if not x.startswith("import time:")]
+        text = "\n".join(lines)
+        errors = [x for x in lines if x.startswith("fluxlora: error:")]
+        assert r.rc == 2, f"{name}: {text[-2000:]}"
         assert len(errors) == 1 and cases[name][1] in errors[0], f"{name}: {errors}"
-        assert "Traceback" not in r.text and "loading model" not in r.text, f"{name}: {r.text[-2000:]}"
+        assert "Traceback" not in text and "loading model" not in text, f"{name}: {text[-2000:]}"
         assert r.s < 90, f"{name} took {r.s:.0f}s"  # start-up of 4 processes sharing 2 cores; the check is ms
+        if name in SETTINGS_CASES:
+            imported = {x.rsplit("|", 1)[1].strip().split(".")[0] for x in r.text.splitlines()
+                        if x.startswith("import time:")}
+            assert not imported & TRAINING_STACK, f"{name} imported {sorted(imported & TRAINING_STACK)}"
