@@ -121,14 +121,16 @@ def device_for(cfg: DictConfig) -> torch.device:
 
 def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
     """`run` with what depends on the device made concrete: `memory.base_storage` / `memory.fp8_matmul: auto`
-    (`MemorySettings.resolved`), from the device and the bucket area `data.resolution` asks for."""
+    (`MemorySettings.resolved`), from the device and the bucket area `data.resolution` asks for, and the blocks
+    swapped for a Kontext run (`memory.paired_blocks_to_swap`)."""
     from fluxlora.data.settings import parse_resolution
 
     w, h = parse_resolution(cfg.data.get("resolution", 512), "data")
     flux1 = str(cfg.model.get("arch") or "flux") == "flux"
     devices, nodes = requested_processes(cfg, device)
     try:
-        return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1, devices * nodes))
+        return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1, devices * nodes,
+                                                       paired=cfg.model.get("variant") == "kontext"))
     except ValueError as e:
         raise FluxLoraError(str(e)) from None
 

@@ -78,3 +78,23 @@ def test_the_shipped_config_resolves_per_run(make_cfg, gpu, monkeypatch):
     bad = make_cfg("memory.fp8_matmul=true")
     with pytest.raises(FluxLoraError, match="memory.base_storage=auto chose none"):
         for_device(check_config(bad), bad, torch.device("cpu"))
+
+
+def test_a_kontext_run_swaps_the_paired_count(make_cfg, caplog):
+    """Control tokens double Kontext's image sequence: 16gb with 4 swapped ran out of memory at 1024 px on the H200,
+    with 12 it finished (README "FLUX.1 Kontext"); the other presets keep the tier's count."""
+    cpu = torch.device("cpu")
+    kontext = make_cfg("model=tiny-kontext", "+vram=16gb")
+    with caplog.at_level("INFO", logger="fluxlora.perf.memory"):
+        memory = for_device(check_config(kontext), kontext, cpu).memory
+    assert (memory.blocks_to_swap, memory.paired_blocks_to_swap) == (12, None)
+    assert "12 blocks swapped, not 4 (memory.paired_blocks_to_swap" in caplog.text
+    dev = make_cfg("+vram=16gb")
+    assert for_device(check_config(dev), dev, cpu).memory.blocks_to_swap == 4
+    own = make_cfg("model=tiny-kontext", "+vram=16gb", "memory.paired_blocks_to_swap=null")
+    assert for_device(check_config(own), own, cpu).memory.blocks_to_swap == 4
+    assert MemorySettings(blocks_to_swap=2, paired_blocks_to_swap=6).resolved(cpu, 512, paired=True).blocks_to_swap == 6
+    with pytest.raises(ValueError, match="paired_blocks_to_swap must be >= 0 or null"):
+        MemorySettings(paired_blocks_to_swap=-1)
+    with pytest.raises(ValueError, match="paired_blocks_to_swap with memory.base_storage=nf4"):
+        MemorySettings(base_storage="nf4", paired_blocks_to_swap=4).resolved(cpu, 512, paired=True)
