@@ -4,13 +4,17 @@
     python bench/lora_roundtrip.py load   --file F [--storage fp8]   # load time and peak host RAM (run each in a fresh process)
     python bench/lora_roundtrip.py check  --dir /tmp/flux     # train, export kohya + diffusers, reload with diffusers
     python bench/lora_roundtrip.py check  --dir /tmp/flux --pipeline kontext   # the same as FLUX.1 Kontext
+    python bench/lora_roundtrip.py check  --dir /tmp/chroma --pipeline chroma  # a random 8.9 B Chroma, ChromaPipeline
 
 `check` loads the bf16 file, trains a few LoRA steps (all block linears, modulation included) through
 FluxLoRAModule.flow_loss, exports both files, loads each with `FluxPipeline.load_lora_weights` into a second
 Flux-dev-shaped transformer read from the same file, and compares transformer outputs with the trained module's.
 With `--pipeline kontext` (Kontext-dev has Flux-dev's layout) the steps train with a control latent (its tokens
 after the target's, first id channel 1), the files load through `FluxKontextPipeline.load_lora_weights`, and the
-outputs compared are on target + control tokens, as the pipeline feeds them.
+outputs compared are on target + control tokens, as the pipeline feeds them. With `--pipeline chroma` the
+transformer is a full-size `ChromaTransformer2DModel` built with random weights on the device (the same seed for
+the trained and the reloading copy; no file is read: Chroma's loader is tested on the CPU), trained with a padded
+T5 mask through the Chroma step, and the files load through `ChromaPipeline.load_lora_weights`.
 """
 
 from __future__ import annotations
@@ -103,15 +107,106 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor
             "max_abs_err": float((got - want).abs().max()), "ok": bool(err < 0.1 * effect and err < 2e-2)}
 
 
+def chroma_transformer(seed: int = 0) -> torch.nn.Module:
+    """A random-weight Chroma transformer (full size, or tiny with RT_TINY), in bf16 on DEV; equal for equal seeds."""
+    from diffusers import ChromaTransformer2DModel
+
+    from fluxlora.models import chroma
+    from fluxlora.models.bfl import shipped_config
+
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        model = ChromaTransformer2DModel(**(dict(chroma.TINY) if os.environ.get("RT_TINY") else shipped_config("chroma")))
+    return model.to(torch.bfloat16).eval()
+
+
+def cmd_check_chroma(d: Path, steps: int) -> None:
+    """`check` for Chroma: train, export, reload with ChromaPipeline, compare (see the module docstring)."""
+    from diffusers import ChromaPipeline
+    from omegaconf import OmegaConf
+
+    from fluxlora.lora.inject import LoraSettings
+    from fluxlora.models.chroma import predict
+    from fluxlora.training import flow as fm
+    from fluxlora.training.flow import FlowConfig
+    from fluxlora.training.module import FluxLoRAModule
+
+    d.mkdir(parents=True, exist_ok=True)
+    t = chroma_transformer()
+    cfg = dict(t.config)
+    settings = LoraSettings(rank=16, alpha=8, train_blocks="all", include_modulation=False)  # Chroma has none
+    module = FluxLoRAModule(t, settings, FlowConfig(guidance_scale=0.0), OmegaConf.create({"name": "adamw", "lr": 2e-3}),
+                            total_steps=steps, compute_dtype=torch.bfloat16).to(DEV)
+    opt = torch.optim.AdamW([p for p in t.parameters() if p.requires_grad], lr=2e-3)
+    g = torch.Generator(DEV).manual_seed(0)
+    text = 512 if not os.environ.get("RT_TINY") else 32
+    mask = torch.zeros(1, text, dtype=torch.long, device=DEV)
+    mask[:, :77] = 1  # a padded caption: the mask must apply in training and after the reload alike
+    latents = torch.randn(1, cfg["in_channels"] // 4, 64, 64, device=DEV, generator=g)
+    t5 = torch.randn(1, text, cfg["joint_attention_dim"], device=DEV, generator=g)
+    batch = {"latents": latents, "t5": t5, "t5_mask": mask, "pooled": torch.zeros(1, 0, device=DEV)}
+    losses = []
+    for _ in range(steps):
+        loss = module.flow_loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    xt = fm.pack_latents(torch.randn(latents.shape, device=DEV, generator=g)).bfloat16()
+    sigma = torch.full((1,), 0.6, device=DEV)
+
+    def out(transformer) -> torch.Tensor:
+        with torch.no_grad():
+            return predict(transformer, xt, t5.bfloat16(), mask, sigma, 64, 64, torch.bfloat16).float()
+
+    t.eval()
+    want = out(t)
+    save_exports(t, settings, d)
+    del module, opt, t
+    torch.cuda.empty_cache() if DEV == "cuda" else None
+    pipe = ChromaPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=chroma_transformer())
+    report = {"pipeline": type(pipe).__name__, "losses": [round(v, 4) for v in losses]}
+    reload_and_compare(pipe, d, out, want, report)
+
+
+def save_exports(transformer: torch.nn.Module, settings, d: Path) -> None:
+    """The trained LoRA as the run writes it: `kohya.safetensors` and `diffusers.safetensors` in `d`, bf16."""
+    from safetensors.torch import save_file
+
+    from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
+    from fluxlora.lora.header import training_metadata
+
+    meta = training_metadata(settings, {"name": "roundtrip"})
+    save_file({k: v.cpu() for k, v in kohya_state_dict(transformer, torch.bfloat16).items()}, d / "kohya.safetensors",
+              meta)
+    save_file({k: v.cpu() for k, v in diffusers_state_dict(transformer, torch.bfloat16).items()},
+              d / "diffusers.safetensors", meta)
+
+
+def reload_and_compare(pipe, d: Path, out, want: torch.Tensor, report: dict) -> None:
+    """Load each file with `pipe.load_lora_weights`, compare `out(pipe.transformer)` with `want`, print the report;
+    exit 1 unless every file reproduces the trained module."""
+    base = out(pipe.transformer)
+    names = ["diffusers.safetensors"] if os.environ.get("RT_TINY") else ["kohya.safetensors", "diffusers.safetensors"]
+    for name in names:
+        try:
+            pipe.load_lora_weights(str(d), weight_name=name, adapter_name=name.split(".")[0])
+        except Exception as e:  # noqa: BLE001 - a file diffusers cannot read is a result to report, not a crash
+            report[name] = {"file": name, "ok": False, "error": f"{type(e).__name__}: {e}"[:400]}
+            continue
+        report[name] = compare(name, out(pipe.transformer), want, base)
+        pipe.unload_lora_weights()
+    print(json.dumps(report), flush=True)
+    if not all(report[n]["ok"] for n in names):
+        sys.exit(1)
+
+
 def cmd_check(d: Path, steps: int, pipeline: str = "flux") -> None:
     from diffusers import FluxKontextPipeline, FluxPipeline
     from omegaconf import OmegaConf
-    from safetensors.torch import save_file
 
-    from fluxlora.training.flow import FlowConfig
-    from fluxlora.lora.export import diffusers_state_dict, kohya_state_dict
-    from fluxlora.lora.header import training_metadata
     from fluxlora.lora.inject import LoraSettings
+    from fluxlora.training.flow import FlowConfig
     from fluxlora.models import tiny
     from fluxlora.models.transformer import load_transformer
     from fluxlora.training.module import FluxLoRAModule
@@ -139,25 +234,14 @@ def cmd_check(d: Path, steps: int, pipeline: str = "flux") -> None:
         losses.append(float(loss))
     t.eval()
     want = out_of(t, x)
-    meta = training_metadata(settings, {"name": "roundtrip"})
-    save_file({k: v.cpu() for k, v in kohya_state_dict(t, torch.bfloat16).items()}, d / "kohya.safetensors", meta)
-    save_file({k: v.cpu() for k, v in diffusers_state_dict(t, torch.bfloat16).items()}, d / "diffusers.safetensors", meta)
+    save_exports(t, settings, d)
     del module, opt, params, t
     torch.cuda.empty_cache() if DEV == "cuda" else None
     parts = tiny.build()
     parts["transformer"] = load_transformer(src, torch.bfloat16, device=DEV)
     pipe = (FluxKontextPipeline if pipeline == "kontext" else FluxPipeline)(**parts)
-    base = out_of(pipe.transformer, x)
     report = {"pipeline": type(pipe).__name__, "losses": [round(v, 4) for v in losses]}
-    names = ["diffusers.safetensors"] if os.environ.get("RT_TINY") else ["kohya.safetensors", "diffusers.safetensors"]
-    for name in names:
-        pipe.load_lora_weights(str(d), weight_name=name, adapter_name=name.split(".")[0])
-        got = out_of(pipe.transformer, x)
-        report[name] = compare(name, got, want, base)
-        pipe.unload_lora_weights()
-    print(json.dumps(report), flush=True)
-    if not all(report[n]["ok"] for n in names):
-        sys.exit(1)
+    reload_and_compare(pipe, d, lambda transformer: out_of(transformer, x), want, report)
 
 
 def main() -> None:
@@ -167,13 +251,16 @@ def main() -> None:
     ap.add_argument("--file", type=Path)
     ap.add_argument("--storage", default="none", choices=["none", "fp8"])
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--pipeline", default="flux", choices=["flux", "kontext"], help="check: the pipeline that reloads")
+    ap.add_argument("--pipeline", default="flux", choices=["flux", "kontext", "chroma"],
+                    help="check: the pipeline that reloads")
     a = ap.parse_args()
     torch.backends.cuda.enable_cudnn_sdp(False)
     if a.cmd == "write":
         cmd_write(a.dir)
     elif a.cmd == "load":
         cmd_load(a.file, a.storage)
+    elif a.pipeline == "chroma":
+        cmd_check_chroma(a.dir, a.steps)
     else:
         cmd_check(a.dir, a.steps, a.pipeline)
 
