@@ -1,7 +1,8 @@
 """The run's configuration checked before anything is loaded or written, and parsed once into `RunSettings`: every
 settings group, the optimizer, the trainer's numbers. A mistake ends the run within seconds, in one line naming the
 key; what passes is handed down typed, so nothing downstream parses a group again. Nothing imported here loads
-Lightning, peft or diffusers (torch only): `python -m fluxlora` reports a mistake after about a second of imports."""
+Lightning, peft or transformers (torch; diffusers' schedules once `check_optim` builds one): `python -m fluxlora`
+reports a mistake after torch's start-up, not the training stack's."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One training run, from a composed config, in the order its data flows: settings (parsed once) → load and cache →
-build → fit → report. The settings are checked here, before Lightning, peft or diffusers are imported (a mistake is
-one line after about a second of start-up); `fluxlora.run.job` does the rest."""
+build → fit → report. The settings are checked here, before Lightning, peft or transformers are imported (a mistake
+is one line within seconds of start-up); `fluxlora.run.job` does the rest."""
 
 from __future__ import annotations
 
