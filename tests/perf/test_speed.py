@@ -359,6 +359,38 @@ def test_the_compile_cache_goes_where_speed_compile_cache_says(monkeypatch, tmp_
     assert use_compile_cache(None) == default_cache_dir() and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
+def test_graphs_with_fp8_weights_are_loaded_from_the_compile_cache(monkeypatch, tmp_path):
+    """An fp8-stored Linear runs through a custom autograd.Function, which AOTAutograd's cache skips by default:
+    a warm run then traced every block's joint graph again (fluxlora.perf.speed._cache_custom_autograd_functions)."""
+    from torch._dynamo.utils import counters
+
+    from fluxlora.perf.fp8 import store_fp8
+    from fluxlora.perf.speed import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_compile_cache(str(tmp_path / "cache"))
+
+    def step() -> torch.Tensor:
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+        holder = torch.nn.Module()
+        holder.single_transformer_blocks = torch.nn.ModuleList([block])  # where store_fp8 looks for Linears
+        assert store_fp8(holder, torch.bfloat16) == 2
+        x = torch.randn(4, 16, dtype=torch.bfloat16, requires_grad=True)
+        torch.compile(block, fullgraph=True)(x).float().square().sum().backward()
+        return x.grad
+
+    torch._dynamo.reset()
+    counters.clear()
+    cold = step()
+    assert counters["aot_autograd"]["autograd_cache_saved"] == 1, dict(counters["aot_autograd"])
+    torch._dynamo.reset()
+    counters.clear()
+    warm = step()
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    torch.testing.assert_close(warm, cold, rtol=0, atol=0)
+
+
 def test_a_compile_cache_that_cannot_be_created_warns_and_keeps_the_default(monkeypatch, tmp_path, caplog):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
