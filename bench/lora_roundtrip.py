@@ -107,6 +107,18 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor
             "max_abs_err": float((got - want).abs().max()), "ok": bool(err < 0.1 * effect and err < 2e-2)}
 
 
+def train(module, opt: torch.optim.Optimizer, batch: dict, steps: int) -> list[float]:
+    """`steps` optimizer steps of the module's own flow-matching loss on `batch`; the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = module.flow_loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def chroma_transformer(seed: int = 0) -> torch.nn.Module:
     """A random-weight Chroma transformer (full size, or tiny with RT_TINY), in bf16 on DEV; equal for equal seeds."""
     from diffusers import ChromaTransformer2DModel
@@ -145,13 +157,7 @@ def cmd_check_chroma(d: Path, steps: int) -> None:
     latents = torch.randn(1, cfg["in_channels"] // 4, 64, 64, device=DEV, generator=g)
     t5 = torch.randn(1, text, cfg["joint_attention_dim"], device=DEV, generator=g)
     batch = {"latents": latents, "t5": t5, "t5_mask": mask, "pooled": torch.zeros(1, 0, device=DEV)}
-    losses = []
-    for _ in range(steps):
-        loss = module.flow_loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+    losses = train(module, opt, batch, steps)
     xt = fm.pack_latents(torch.randn(latents.shape, device=DEV, generator=g)).bfloat16()
     sigma = torch.full((1,), 0.6, device=DEV)
 
@@ -225,13 +231,7 @@ def cmd_check(d: Path, steps: int, pipeline: str = "flux") -> None:
              "pooled": x["pooled_projections"].float()}
     if control is not None:
         batch["control"] = control
-    losses = []
-    for _ in range(steps):
-        loss = module.flow_loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+    losses = train(module, opt, batch, steps)
     t.eval()
     want = out_of(t, x)
     save_exports(t, settings, d)
