@@ -189,21 +189,26 @@ def prompt_lines(model: str, steps: int, work: Path) -> list[str]:
 
 
 class SmiPeak:
-    """nvidia-smi's memory.used of GPU 0 every 0.2 s (`peak`, MiB) and each process's largest use (`apps`: pid and
-    name -> MiB), so memory outside the run's allocator (CUDA contexts, compile workers) is seen and named."""
+    """nvidia-smi's memory.used of GPU 0 every 0.2 s (`peak`, MiB), each entry's largest use (`apps`: pid and name ->
+    MiB, so memory outside the run's allocator is seen and named), and each process's largest use at one moment
+    (`per_pid`: pid -> MiB).
+
+    `per_pid` sums a pid's entries within one sample: nvidia-smi can list a process twice (a second entry named
+    `[No data]`), and the two are not always held at once. In cells alone on the H200 the GPU's total peak was the
+    named entry's peak plus at most 9 MiB while the `[No data]` entry peaked at 0.8 GB (tiers) to 43 GB (no tier),
+    so summing each entry's own peak, as this bench did before, counted memory twice."""
 
     def __init__(self) -> None:
-        self.peak, self.apps, self._procs = 0, {}, []
-        queries = (["--query-gpu=memory.used", "-lms", "200"],
-                   ["--query-compute-apps=pid,process_name,used_memory", "-lms", "500"])
-        for query, reader in zip(queries, (self._read_total, self._read_apps)):
-            try:
-                proc = subprocess.Popen(["nvidia-smi", *query, "--format=csv,noheader,nounits", "-i", "0"],
-                                        stdout=subprocess.PIPE, text=True)
-            except FileNotFoundError:  # no GPU here (the CPU smoke test)
-                return
-            self._procs.append(proc)
-            threading.Thread(target=reader, args=(proc,), daemon=True).start()
+        self.peak, self.apps, self.per_pid, self._procs = 0, {}, {}, []
+        self._stop = threading.Event()
+        try:
+            proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "-lms", "200", "--format=csv,noheader,"
+                                     "nounits", "-i", "0"], stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError:  # no GPU here (the CPU smoke test)
+            return
+        self._procs.append(proc)
+        threading.Thread(target=self._read_total, args=(proc,), daemon=True).start()
+        threading.Thread(target=self._sample_apps, daemon=True).start()
 
     def _read_total(self, proc) -> None:
         for line in proc.stdout:
@@ -212,14 +217,31 @@ class SmiPeak:
             except ValueError:
                 pass
 
-    def _read_apps(self, proc) -> None:
-        for line in proc.stdout:
+    def _sample_apps(self) -> None:
+        """One nvidia-smi query every 0.5 s, so each answer is one moment (`-lms` output cannot be split into them)."""
+        cmd = ["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv,noheader,nounits",
+               "-i", "0"]
+        while not self._stop.wait(0.5):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            self.add_sample(out.splitlines())
+
+    def add_sample(self, lines: list[str]) -> None:
+        """Fold one query's `pid, name, MiB` lines into `apps` and `per_pid`."""
+        moment: dict[str, int] = {}
+        for line in lines:
             parts = [p.strip() for p in line.split(",")]
             if len(parts) == 3 and parts[2].isdigit():
-                key = f"{parts[0]} {parts[1].rsplit('/', 1)[-1]}"
-                self.apps[key] = max(self.apps.get(key, 0), int(parts[2]))
+                key, mib = f"{parts[0]} {parts[1].rsplit('/', 1)[-1]}", int(parts[2])
+                self.apps[key] = max(self.apps.get(key, 0), mib)
+                moment[parts[0]] = moment.get(parts[0], 0) + mib
+        for pid, mib in moment.items():
+            self.per_pid[pid] = max(self.per_pid.get(pid, 0), mib)
 
     def stop(self) -> int:
+        self._stop.set()
         for proc in self._procs:
             proc.terminate()
             proc.wait(5)
@@ -271,7 +293,7 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
     folder = Path(args.work) / name
     stages = folder / "stages.json"
     row = {"cell": name, "tier": tier, "res": res, "rc": rc, "wall_s": round(wall, 1), "smi_peak_mib": smi.stop(),
-           "smi_apps_mib": smi.apps, "smi_run_mib": sum(v for k, v in smi.apps.items() if k.split()[0] == str(proc.pid)),
+           "smi_apps_mib": smi.apps, "smi_run_mib": smi.per_pid.get(str(proc.pid)),
            "parallel": args.parallel,
            "lora": (folder / f"{name}.safetensors").exists(),
            "grids": len(list((folder / "sample").glob("*_grid.png"))) if (folder / "sample").exists() else 0,
