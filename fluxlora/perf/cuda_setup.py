@@ -14,7 +14,8 @@ GiB = 1 << 30
 CONTEXT_RESERVE = 1 * GiB
 """What a memory budget leaves outside the allocator: the CUDA context, cuBLAS/cuDNN workspaces and the driver's own
 use. On the H200 nvidia-smi read 0.6-0.7 GiB above the allocator's peak reserved memory (11,717 MiB against 10.97
-GiB, issue 14's table), so a process capped at budget - 1 GiB fits a card of `budget` GiB."""
+GiB, issue 14's table), and the run's own nvidia-smi entry 0.1-1.0 GB above it in the whole-run bench (README "VRAM
+tiers", "What nvidia-smi reads"), so a process capped at budget - 1 GiB fits a card of `budget` GiB."""
 
 PAGE_SLACK = 64 << 20
 """Kept below the cap: with expandable segments the allocator maps whole pages and went 2 MiB past a 7 GiB fraction

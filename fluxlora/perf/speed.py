@@ -129,9 +129,11 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
         if bad]
     if graphs_asked and blockers:
         raise ValueError(f"speed.cuda_graphs needs {', '.join(blockers)}")
-    # auto stays off under a memory budget: the graphs' own memory lives outside the capped allocator (on the H200,
-    # 3.3 GiB more per process at 1024 px with three bucket shapes, bench/whole_run.py), so a budgeted run would
-    # need more than the card it stands for
+    # auto stays off under a memory budget: the graphs' pools hold each shape's activations for good (the 20gb
+    # tier at 1024 px with three bucket shapes peaked at 18.50 of its 18.94 GiB cap with them, 2.8 GiB above
+    # the run without them, bench/whole_run.py on the H200), and whether they pay under a tier is not measured.
+    # (A "3.3 GiB outside the allocator" read at the time was nvidia-smi's second entry, which is not held beside
+    # the first: README "VRAM tiers".)
     graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1 and not budgeted)
     return SpeedPlan(compile_, in_graph, graphs)
 
