@@ -25,16 +25,12 @@ from typing import Any
 
 import torch
 
+from fluxlora.perf.checkpointing import transformer_blocks
+
 log = logging.getLogger(__name__)
 
 _STATES = ("hidden_states", "encoder_hidden_states")
 """The block arguments that carry the sequence from block to block (positional in this order, or by keyword)."""
-
-
-def _blocks(transformer: torch.nn.Module) -> list[tuple[str, int, torch.nn.Module]]:
-    """(kind, index, block) in the order the transformer runs them."""
-    return [(kind, i, b) for kind in ("transformer_blocks", "single_transformer_blocks")
-            for i, b in enumerate(getattr(transformer, kind, []))]
 
 
 def _get(args: tuple, kwargs: dict, i: int) -> Any:
@@ -86,16 +82,16 @@ def match_block_inputs(transformer: torch.nn.Module) -> list[Any]:
     autograd run backward through it, costing more per step than one compile does once.
     """
     handles = []
-    blocks = _blocks(transformer)
-    first = next(((kind, i, b) for kind, i, b in blocks if any(p.requires_grad for p in b.parameters())), None)
+    first = next(((name, b) for name, b in transformer_blocks(transformer)
+                  if any(p.requires_grad for p in b.parameters())), None)
     if first is not None:
-        grad_leaves = functools.partial(_as_grad_leaves, states=_states(first[2]))  # the signature, not per call
-        handles.append(first[2].register_forward_pre_hook(grad_leaves, with_kwargs=True))
+        grad_leaves = functools.partial(_as_grad_leaves, states=_states(first[1]))  # the signature, not per call
+        handles.append(first[1].register_forward_pre_hook(grad_leaves, with_kwargs=True))
     singles = getattr(transformer, "single_transformer_blocks", [])
     if len(singles) > 1 and _states(singles[0]) == 2:
         # registered after the grad hook when both are on this block: the grad leaves are then the two states,
         # which the concatenation joins, so the views require grad as those of every later block do
         handles.append(singles[0].register_forward_pre_hook(_as_views_of_one, with_kwargs=True))
     if first is not None:
-        log.debug("block inputs matched: grad leaves at %s[%d]", first[0], first[1])
+        log.debug("block inputs matched: grad leaves at %s", first[0])
     return handles
