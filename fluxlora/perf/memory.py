@@ -113,12 +113,12 @@ class MemorySettings:
         swap = self.blocks_to_swap
         if paired and self.paired_blocks_to_swap is not None:
             swap = self.paired_blocks_to_swap
+            if swap and storage == "nf4":  # blocks_to_swap with nf4 is refused in __post_init__
+                raise ValueError("memory.paired_blocks_to_swap with memory.base_storage=nf4 is not supported: use "
+                                 "fp8 storage with block swapping, or nf4 without it")
             if swap != self.blocks_to_swap:
                 log.info("memory: %d blocks swapped, not %d (memory.paired_blocks_to_swap: control images double the "
                          "image sequence)", swap, self.blocks_to_swap)
-        if swap and storage == "nf4":
-            raise ValueError("memory.paired_blocks_to_swap with memory.base_storage=nf4 is not supported: use fp8 "
-                             "storage with block swapping, or nf4 without it")
         return replace(self, base_storage=storage, fp8_matmul=matmul, blocks_to_swap=swap, paired_blocks_to_swap=None)
 
     def load_device(self, device: torch.device) -> torch.device:
