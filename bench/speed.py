@@ -102,13 +102,7 @@ class StepTimer:
                     torch.cuda.synchronize()
                     self.warm_steps.append(round(time.perf_counter() - self.t_step, 3))
                 if self.pyprof is not None and trainer.global_step == profile_from + 1:
-                    import pstats
-
-                    self.pyprof.disable()
-                    print(f"cProfile of step {profile_from}:", flush=True)
-                    pstats.Stats(self.pyprof).sort_stats("tottime").print_stats(25)
-                    pstats.Stats(self.pyprof).sort_stats("cumulative").print_stats(25)
-                    self.pyprof = None
+                    self._print_pyprofile(profile_from)
 
             def on_train_end(cb, trainer, *a):
                 torch.cuda.synchronize()
@@ -116,13 +110,20 @@ class StepTimer:
                 if self.prof is not None:
                     self.prof.__exit__(None, None, None)
                 if self.pyprof is not None:  # profiled the last step
-                    import pstats
-
-                    self.pyprof.disable()
-                    pstats.Stats(self.pyprof).sort_stats("tottime").print_stats(25)
+                    self._print_pyprofile(profile_from)
 
         self.callback = _CB()
         self.t0 = self.t1 = self.first = 0.0
+
+    def _print_pyprofile(self, step: int) -> None:
+        """Stop the cProfile of `step` and print its top functions by own and by cumulative time."""
+        import pstats
+
+        self.pyprof.disable()
+        print(f"cProfile of step {step}:", flush=True)
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(self.pyprof).sort_stats(key).print_stats(25)
+        self.pyprof = None
 
 
 def fwd_flops(transformer, res: int, batch: int) -> float:
