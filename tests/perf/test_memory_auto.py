@@ -98,3 +98,15 @@ def test_a_kontext_run_swaps_the_paired_count(make_cfg, caplog):
         MemorySettings(paired_blocks_to_swap=-1)
     with pytest.raises(ValueError, match="paired_blocks_to_swap with memory.base_storage=nf4"):
         MemorySettings(base_storage="nf4", paired_blocks_to_swap=4).resolved(cpu, 512, paired=True)
+
+
+def test_a_kontext_run_over_nf4_with_the_paired_swap_ends_in_one_line_before_loading(make_cfg):
+    """The tier's paired count meets nf4 only in a Kontext run: the run's check says so, before any model loads
+    (`run` imports the loading stages only once the settings pass)."""
+    from fluxlora.run.train import run
+
+    cfg = make_cfg("model=tiny-kontext", "+vram=16gb", "memory.base_storage=nf4", "memory.blocks_to_swap=0")
+    with pytest.raises(FluxLoraError) as e:
+        run(cfg)
+    assert "memory.paired_blocks_to_swap with memory.base_storage=nf4 is not supported" in str(e.value)
+    assert "\n" not in str(e.value)

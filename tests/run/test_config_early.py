@@ -80,6 +80,7 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "precision": (["trainer.precision=fp7"], "trainer.precision='fp7' is not one of"),
         "budget": (["memory.budget_gb=abc"], "memory.budget_gb='abc' must be a number or null"),
         "t5_storage": (["memory.t5_storage=fp4"], "memory.t5_storage='fp4' is not one of"),
+        "paired_swap": (["memory.paired_blocks_to_swap=-1"], "memory.paired_blocks_to_swap must be >= 0 or null"),
         "cache_batch": (["data.cache_batch_size=0"], "data.cache_batch_size=0 must be a positive integer or auto"),
         # the shipped memory.base_storage=auto keeps the bf16 base on the CPU: fp8 matmuls have no fp8 weights
         "fp8_matmul_on_auto": (["memory.fp8_matmul=true"],
