@@ -86,8 +86,10 @@ def test_two_phases_long_limit_then_short(tmp_path, exits):
     try:
         time.sleep(0.6)  # twice the short limit: still fine in the setup phase
         assert calls == []
-        w.enter_training_phase()
+        # in the order the callback does it (a beat, then the phase): the other way round, the monitor could judge
+        # the setup phase's last beat, already 0.6 s old, by the short limit before the new beat came
         w.beat("training_step", step=7)
+        w.enter_training_phase()
         assert done.wait(1.5)
     finally:
         w._killer.cancel()
