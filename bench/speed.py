@@ -169,7 +169,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
              fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default",
-             profile_step: int = -1, keep_cache_in_capture: bool = False) -> dict:
+             profile_step: int = -1, keep_cache_in_capture: bool = False, indexed_recording: bool = True) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -201,6 +201,10 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
                                    compile_options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
                                    if skip_module_guards else None), perf.checkpoint_every, device="cuda")
     perf.cuda_graphs = decided.cuda_graphs
+    if not indexed_recording:  # torch's own alias lookups while graphs record (fluxlora.perf.graph_recording)
+        from fluxlora.perf.graph_recording import restore_graph_recording
+
+        restore_graph_recording()
     dl = torch.utils.data.DataLoader(Batches(res), batch_size=batch, num_workers=workers, pin_memory=True,
                                      persistent_workers=workers > 0, shuffle=True)
     timer = StepTimer(warm, profile_step if profile_step >= 0 else warm + steps - 2 if profile else -1)
@@ -229,6 +233,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
                warm_steps_s=timer.warm_steps, keep_cache_in_capture=keep_cache_in_capture,
+               indexed_recording=indexed_recording,
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                fwd_tflop=round(flops / 1e12, 2), mfu_2fwd=round(2 * flops / 1e12 / peak / dt, 3))
@@ -274,6 +279,8 @@ def main() -> None:
                     help="profile this step instead (with PYPROFILE=1: cProfile, e.g. 1, where CUDA graphs record)")
     ap.add_argument("--keep-cache-in-capture", type=int, nargs="+", default=[0],
                     help="1: no allocator/pinned cache emptying before each CUDA-graph capture (an experiment)")
+    ap.add_argument("--indexed-recording", type=int, nargs="+", default=[1],
+                    help="0: torch's own alias lookups while CUDA graphs record (fluxlora.perf.graph_recording)")
     ap.add_argument("--ref", action="store_true", help="also run bench/ref_diffusers_step.py's step in this process")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -303,16 +310,16 @@ def main() -> None:
         cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
     for res, batch in cells:
         for gc in args.gc:
-            for comp, graphs, mm, att, keep in [(c, g, m, a, k) for c in args.compile for g in args.cudagraphs
-                                                for m in args.fp8_matmul for a in args.attention
-                                                for k in args.keep_cache_in_capture
-                                                if (c or not g) and (args.storage == "fp8" or not m)]:
+            for comp, graphs, mm, att, keep, idx in [
+                    (c, g, m, a, k, i) for c in args.compile for g in args.cudagraphs for m in args.fp8_matmul
+                    for a in args.attention for k in args.keep_cache_in_capture for i in args.indexed_recording
+                    if (c or not g) and (args.storage == "fp8" or not m)]:
                 transformer = build_transformer(args.layers)
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
                                  bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
-                                 args.skip_module_guards, att, args.profile_step, bool(keep))
+                                 args.skip_module_guards, att, args.profile_step, bool(keep), bool(idx))
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,

@@ -282,5 +282,9 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
             log.info("gradient checkpointing inside the compiled blocks: their backward recomputes the forward")
         compile_blocks(transformer, mode, options, budget, settings.dynamic_shapes)
     if decided.cuda_graphs:
-        log.info("compiled blocks replay CUDA graphs")
+        from fluxlora.perf.graph_recording import index_graph_recording
+
+        indexed = index_graph_recording()
+        log.info("compiled blocks replay CUDA graphs (recorded once per shape%s)",
+                 ", with indexed alias lookups" if indexed else "")
     return decided
