@@ -45,6 +45,8 @@ def _path_index(node: Any) -> dict[int, list[tuple[int, int]]]:
 
 def _is_cuda_graph_recorded_tensor(node: Any, t) -> bool:
     """Is `t`'s storage an output of a graph in this path (live or not: recorded memory is never released)."""
+    if not hasattr(node, "path_weakrefs"):  # a torch whose nodes keep their path otherwise: its own scan
+        return _ORIGINALS["_is_cuda_graph_recorded_tensor"](node, t)
     return t.untyped_storage().data_ptr() in _path_index(node)
 
 
@@ -52,6 +54,8 @@ def _is_alias_of_live_recorded_tensor(node: Any, t):
     """(depth, output index) of the first live output in this path that shares `t`'s storage, else None."""
     from torch._inductor.cudagraph_trees import maybe_deref
 
+    if not hasattr(node, "path_weakrefs"):
+        return _ORIGINALS["_is_alias_of_live_recorded_tensor"](node, t)
     ptr = t.untyped_storage().data_ptr()
     path = node.path_weakrefs
     for depth, i in _path_index(node).get(ptr, ()):

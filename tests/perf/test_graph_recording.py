@@ -87,3 +87,9 @@ def test_a_reconstructed_output_is_found_through_its_new_reference(originals):
     assert gr._is_alias_of_live_recorded_tensor(node, _Tensor(7)) is None
     path[0][0] = _Ref(7)  # torch puts back a reference to the same storage when it reconstructs an output
     assert gr._is_alias_of_live_recorded_tensor(node, _Tensor(7)) == (0, 0)
+
+
+def test_a_node_without_the_path_it_knows_is_asked_of_torch(originals, monkeypatch):
+    calls = []
+    monkeypatch.setitem(gr._ORIGINALS, "_is_alias_of_live_recorded_tensor", lambda node, t: calls.append(t) or None)
+    assert gr._is_alias_of_live_recorded_tensor(object(), _Tensor(3)) is None and len(calls) == 1
