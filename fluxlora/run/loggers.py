@@ -6,7 +6,8 @@ fails (Lightning then finalizes every logger), the user sees the run's own error
 
 A resumed run continues `metrics.csv`: Lightning's CSV writer deletes the file it finds, so a resume lost every row
 logged before the checkpoint (seen in the sixth session). The rows of steps before the checkpoint stay; later rows,
-which the resumed run logs again, go.
+which the resumed run logs again, go. TensorBoard is told the same step (`purge_step`): its reader drops the earlier
+run's events from that step on, where the curves had two points per step after a resume.
 """
 
 from __future__ import annotations
@@ -106,11 +107,17 @@ class TolerantCSVLogger(_Tolerant, CSVLogger):
 
 
 class TolerantTensorBoardLogger(_Tolerant, TensorBoardLogger):
-    """Lightning's TensorBoardLogger (event and hparams files); a failed write is a warning."""
+    """Lightning's TensorBoardLogger (event and hparams files); a failed write is a warning, and a resumed run
+    (`resume_step`) has TensorBoard drop the events the interrupted run logged from that step on."""
+
+    def __init__(self, *args: Any, resume_step: Optional[int] = None, **kwargs: Any) -> None:
+        if resume_step is not None:
+            kwargs["purge_step"] = resume_step  # SummaryWriter's: events of this folder at or after it are dropped
+        super().__init__(*args, **kwargs)
 
 
 def run_loggers(folder: Path, resume_step: Optional[int] = None) -> list[Logger]:
     """`<folder>/tensorboard` and `<folder>/csv/metrics.csv`, as the README lists them; `resume_step`: the global step
-    of the checkpoint the run continues from (its CSV rows before that step are kept)."""
-    return [TolerantTensorBoardLogger(str(folder), name="tensorboard", version=""),
+    of the checkpoint the run continues from (its CSV rows and TensorBoard events before that step are kept)."""
+    return [TolerantTensorBoardLogger(str(folder), name="tensorboard", version="", resume_step=resume_step),
             TolerantCSVLogger(str(folder), name="csv", version="", resume_step=resume_step)]

@@ -56,3 +56,23 @@ def test_a_log_folder_that_cannot_be_written_is_a_warning(tmp_path, caplog):
         csv_logger.log_metrics({"train/loss": 0.9}, step=3)
         csv_logger.save()
     assert "TolerantCSVLogger: logs under" in caplog.text
+
+
+def _scalars(folder) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tensorboard"))  # TensorBoard's own reader, purging as it does
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def test_a_resumed_run_has_one_tensorboard_point_per_step(tmp_path):
+    first = run_loggers(tmp_path)[0]
+    for step in range(8):  # the interrupted run logged up to step 7; its checkpoint is at step 5
+        first.log_metrics({"train/loss": 1.0}, step=step)
+    first.finalize("failed")
+    resumed = run_loggers(tmp_path, resume_step=5)[0]
+    for step in (5, 6):
+        resumed.log_metrics({"train/loss": 0.5}, step=step)
+    resumed.finalize("success")
+    assert _scalars(tmp_path) == {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 0.5, 6: 0.5}
