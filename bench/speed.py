@@ -169,7 +169,8 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
              warm: int, peak: float, workers: int, check_finite: bool = True, profile: bool = False,
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
              fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default",
-             profile_step: int = -1, keep_cache_in_capture: bool = False, indexed_recording: bool = True) -> dict:
+             profile_step: int = -1, keep_cache_in_capture: bool = False, indexed_recording: bool = True,
+             blocks_per_graph: int = 1) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -198,6 +199,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
         transformer, SpeedSettings(compile_blocks=bool(compile_blocks), cuda_graphs=cuda_graphs,
                                    compile_scope="model" if compile_blocks == 2 else "blocks",
                                    recompute_in_graph=recompute == "auto", attention=attention,
+                                   blocks_per_graph=blocks_per_graph,
                                    compile_options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
                                    if skip_module_guards else None), perf.checkpoint_every, device="cuda")
     perf.cuda_graphs = decided.cuda_graphs
@@ -233,7 +235,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
                cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]),
                s_per_step=round(dt, 4), images_per_s=round(batch / dt, 2), first_step_s=round(timer.first, 2),
                warm_steps_s=timer.warm_steps, keep_cache_in_capture=keep_cache_in_capture,
-               indexed_recording=indexed_recording,
+               indexed_recording=indexed_recording, blocks_per_graph=blocks_per_graph,
                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
                fwd_tflop=round(flops / 1e12, 2), mfu_2fwd=round(2 * flops / 1e12 / peak / dt, 3))
@@ -281,6 +283,8 @@ def main() -> None:
                     help="1: no allocator/pinned cache emptying before each CUDA-graph capture (an experiment)")
     ap.add_argument("--indexed-recording", type=int, nargs="+", default=[1],
                     help="0: torch's own alias lookups while CUDA graphs record (fluxlora.perf.graph_recording)")
+    ap.add_argument("--blocks-per-graph", type=int, nargs="+", default=[1],
+                    help="speed.blocks_per_graph: consecutive blocks per compiled region (fluxlora.perf.block_groups)")
     ap.add_argument("--ref", action="store_true", help="also run bench/ref_diffusers_step.py's step in this process")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -310,16 +314,16 @@ def main() -> None:
         cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
     for res, batch in cells:
         for gc in args.gc:
-            for comp, graphs, mm, att, keep, idx in [
-                    (c, g, m, a, k, i) for c in args.compile for g in args.cudagraphs for m in args.fp8_matmul
+            for comp, graphs, mm, att, keep, idx, bpg in [
+                    (c, g, m, a, k, i, n) for c in args.compile for g in args.cudagraphs for m in args.fp8_matmul
                     for a in args.attention for k in args.keep_cache_in_capture for i in args.indexed_recording
-                    if (c or not g) and (args.storage == "fp8" or not m)]:
+                    for n in args.blocks_per_graph if (c or not g) and (args.storage == "fp8" or not m)]:
                 transformer = build_transformer(args.layers)
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
                                  bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
-                                 args.skip_module_guards, att, args.profile_step, bool(keep), bool(idx))
+                                 args.skip_module_guards, att, args.profile_step, bool(keep), bool(idx), bpg)
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,

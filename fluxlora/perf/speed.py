@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from fluxlora.perf.block_groups import HandedOn, group_blocks
 from fluxlora.perf.block_inputs import match_block_inputs
+from fluxlora.perf.checkpointing import transformer_blocks
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,11 @@ class SpeedSettings:
     sequence length, which then serves every later one without compiling. For datasets of many bucket sizes:
     on the CPU (tiny Flux, five token counts, cold cache) 4 graphs and 103 s of compiling instead of 10 and 181 s.
     Its kernels' speed on a GPU is not measured yet, so it is off by default."""
+    blocks_per_graph: int = 1
+    """With `compile_scope=blocks`: up to this many consecutive blocks of a kind form one compiled region
+    (`fluxlora.perf.block_groups`), dividing the per-region host time (graph launches, guards, wrappers: ~46 ms of a
+    0.149 s step at 512 px on the H200) by about as much, for a longer compile of each region. FLUX.1 only, without
+    block swapping or gradient checkpointing. Not yet measured on a GPU, so 1 (one block per region) by default."""
     attention: str = "auto"
     """`cudnn`: attention through fluxlora's processor with cuDNN's SDPA, flash as the fallback
     (`fluxlora.perf.attention`); `default`: diffusers' processor; `auto`: cudnn for FLUX.1 on Hopper GPUs without
@@ -79,6 +86,12 @@ class SpeedSettings:
             raise ValueError(f"speed.attention={self.attention!r} is not one of {', '.join(ATTENTION)}")
         if self.compile_scope not in ("blocks", "model"):
             raise ValueError(f"speed.compile_scope={self.compile_scope!r} is not one of blocks, model")
+        if isinstance(self.blocks_per_graph, bool) or not isinstance(self.blocks_per_graph, int) \
+                or self.blocks_per_graph < 1:
+            raise ValueError(f"speed.blocks_per_graph={self.blocks_per_graph!r} must be a whole number >= 1")
+        if self.blocks_per_graph > 1 and self.compile_scope != "blocks":
+            raise ValueError(f"speed.blocks_per_graph={self.blocks_per_graph} groups regions of "
+                             "speed.compile_scope=blocks, not of compile_scope=model")
         if self.compile_mode and self.compile_options:
             raise ValueError("speed.compile_mode and speed.compile_options cannot both be set (torch.compile)")
         if self.cuda_graphs is True and self.compile_mode and self.compile_mode not in CUDA_GRAPH_MODES:
@@ -129,6 +142,10 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
         if bad]
     if graphs_asked and blockers:
         raise ValueError(f"speed.cuda_graphs needs {', '.join(blockers)}")
+    if settings.blocks_per_graph > 1 and compile_ and (swapping or checkpoint_every):
+        raise ValueError(f"speed.blocks_per_graph={settings.blocks_per_graph} runs whole groups of blocks in one call: "
+                         "it cannot swap blocks or checkpoint them one by one; set memory.blocks_to_swap=0 and "
+                         "memory.gradient_checkpointing=false, or speed.blocks_per_graph=1")
     # auto stays off under a memory budget: the graphs' pools hold each shape's activations for good (the 20gb
     # tier at 1024 px with three bucket shapes peaked at 18.50 of its 18.94 GiB cap with them, 2.8 GiB above
     # the run without them, bench/whole_run.py on the H200), and whether they pay under a tier is not measured.
@@ -191,14 +208,15 @@ def _with_activation_budget(fn, budget: float):
 
 
 def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, options: dict | None = None,
-                   activation_budget: float | None = None, dynamic: bool = False) -> int:
-    """Compile every double and single block's `forward` in place; returns how many were wrapped.
+                   activation_budget: float | None = None, dynamic: bool = False, blocks_per_graph: int = 1) -> int:
+    """Compile every double and single block's `forward` in place; returns how many regions were compiled.
 
     Only `forward` is compiled, not the module call: the blocks' hooks (block swapping's loads and evictions,
     checkpointing's marks) stay eager Python around the compiled graph. All blocks of a kind share one compiled
     graph (their forward is the same code; parameters are graph inputs), so compile time does not grow with depth.
     `activation_budget`: AOTAutograd's activation memory budget for the blocks (0 = keep only their inputs).
-    `dynamic`: `SpeedSettings.dynamic_shapes`.
+    `dynamic`: `SpeedSettings.dynamic_shapes`. `blocks_per_graph` > 1: consecutive blocks of a kind form one
+    region (`fluxlora.perf.block_groups`).
     """
     # each block kind gets a graph per input shape (bucket resolution), and per grad signature of its inputs where a
     # frozen block runs before the first trainable one of its kind: dynamo's default of 8 per code object would
@@ -206,23 +224,31 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
     limit = getattr(torch._dynamo.config, "recompile_limit", None)
     if limit is not None and limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    n = 0
-    for name in ("transformer_blocks", "single_transformer_blocks"):
-        for block in getattr(transformer, name, []):
-            # a copy each: torch.compile pops keys (guard_filter_fn) from the dict it is given
-            fn = torch.compile(block.forward, mode=mode, options=None if options is None else dict(options),
-                               dynamic=None if dynamic else False)
-            block.forward = fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
+
+    def compiled(forward):
+        # a copy each: torch.compile pops keys (guard_filter_fn) from the dict it is given
+        fn = torch.compile(forward, mode=mode, options=None if options is None else dict(options),
+                           dynamic=None if dynamic else False)
+        return fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
+
+    if blocks_per_graph > 1:
+        n = group_blocks(transformer, blocks_per_graph, compiled)
+    else:
+        n = 0
+        for _, block in transformer_blocks(transformer):
+            block.forward = compiled(block.forward)
             n += 1
     match_block_inputs(transformer)  # else the first trainable and the first single block compile graphs of their own
-    log.info("regional torch.compile on %d blocks (mode=%s, options=%s)", n, mode, options)
+    log.info("regional torch.compile: %d regions of up to %d blocks (mode=%s, options=%s)", n, blocks_per_graph,
+             mode, options)
     return n
 
 
 def _compiled_forwards(module: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
-    """(submodule, its compiled `forward`) for every submodule whose forward `compile_blocks` replaced."""
+    """(submodule, its `forward`) for every submodule whose forward `compile_blocks` replaced: a compiled one, or
+    that of a block whose group's first block runs it (`block_groups.HandedOn`)."""
     return [(m, fn) for m in module.modules()
-            if hasattr(fn := m.__dict__.get("forward"), "_torchdynamo_orig_callable")]
+            if hasattr(fn := m.__dict__.get("forward"), "_torchdynamo_orig_callable") or isinstance(fn, HandedOn)]
 
 
 def uncompiled(module: torch.nn.Module) -> None:
@@ -280,7 +306,7 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
             run_blocks_plainly(transformer)
             budget = 0.0
             log.info("gradient checkpointing inside the compiled blocks: their backward recomputes the forward")
-        compile_blocks(transformer, mode, options, budget, settings.dynamic_shapes)
+        compile_blocks(transformer, mode, options, budget, settings.dynamic_shapes, settings.blocks_per_graph)
     if decided.cuda_graphs:
         from fluxlora.perf.graph_recording import index_graph_recording
 

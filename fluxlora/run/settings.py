@@ -84,6 +84,11 @@ def check_config(cfg: DictConfig) -> RunSettings:
     still before loading.) A group left out of the config keeps its defaults."""
     groups = {key: settings(cls, cfg[key], key) for key, cls in _GROUPS.items() if cfg.get(key) is not None}
     _check_format(cfg, groups.get("lora"))
+    speed = groups.get("speed")
+    if speed is not None and speed.blocks_per_graph > 1 and str(cfg.model.get("arch") or "flux") != "flux":
+        raise FluxLoraError(f"speed.blocks_per_graph={speed.blocks_per_graph} groups FLUX.1's blocks only, not "
+                            f"{cfg.model.arch}'s (each of its blocks gets a modulation of its own); set "
+                            "speed.blocks_per_graph=1")
     if str(cfg.train.nonfinite) not in NONFINITE:
         raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
     _whole(cfg.train, "max_nonfinite_skips", "train", 0)
