@@ -59,7 +59,8 @@ def _is_alias_of_live_recorded_tensor(node: Any, t):
     ptr = t.untyped_storage().data_ptr()
     path = node.path_weakrefs
     for depth, i in _path_index(node).get(ptr, ()):
-        if maybe_deref(path[depth][i]) is not None:
+        ref = path[depth][i]  # read again: a reconstructed output has a new reference (to the same storage)
+        if ref is not None and ref.data_ptr() == ptr and maybe_deref(ref) is not None:
             return (depth, i)
     return None
 
