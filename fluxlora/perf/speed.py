@@ -142,10 +142,8 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
         if bad]
     if graphs_asked and blockers:
         raise ValueError(f"speed.cuda_graphs needs {', '.join(blockers)}")
-    if settings.blocks_per_graph > 1 and compile_ and (swapping or checkpoint_every):
-        raise ValueError(f"speed.blocks_per_graph={settings.blocks_per_graph} runs whole groups of blocks in one call: "
-                         "it cannot swap blocks or checkpoint them one by one; set memory.blocks_to_swap=0 and "
-                         "memory.gradient_checkpointing=false, or speed.blocks_per_graph=1")
+    if compile_:
+        check_block_groups(settings, swapping, bool(checkpoint_every))
     # auto stays off under a memory budget: the graphs' pools hold each shape's activations for good (the 20gb
     # tier at 1024 px with three bucket shapes peaked at 18.50 of its 18.94 GiB cap with them, 2.8 GiB above
     # the run without them, bench/whole_run.py on the H200), and whether they pay under a tier is not measured.
@@ -192,6 +190,15 @@ def _cache_custom_autograd_functions() -> None:
 
     if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # torch >= 2.7
         functorch_config.autograd_cache_allow_custom_autograd_functions = True
+
+
+def check_block_groups(settings: SpeedSettings, swapping: bool, checkpointing: bool) -> None:
+    """`speed.blocks_per_graph` > 1 runs a group of blocks in one call, so no block of it can be swapped in, or
+    checkpointed, on its own: refused, naming the settings to change."""
+    if settings.blocks_per_graph > 1 and (swapping or checkpointing):
+        raise ValueError(f"speed.blocks_per_graph={settings.blocks_per_graph} runs whole groups of blocks in one call: "
+                         "it cannot swap blocks or checkpoint them one by one; set memory.blocks_to_swap=0 and "
+                         "memory.gradient_checkpointing=false, or speed.blocks_per_graph=1")
 
 
 def _with_activation_budget(fn, budget: float):

@@ -21,7 +21,7 @@ from fluxlora.perf.memory import MemorySettings
 from fluxlora.models.components import resolve_dtype
 from fluxlora.training.optim import OptimSettings, check_optim
 from fluxlora.training.settings import NONFINITE, TrainSettings
-from fluxlora.perf.speed import SpeedSettings
+from fluxlora.perf.speed import SpeedSettings, check_block_groups
 from fluxlora.training.validation import ValidationSettings
 
 
@@ -84,11 +84,7 @@ def check_config(cfg: DictConfig) -> RunSettings:
     still before loading.) A group left out of the config keeps its defaults."""
     groups = {key: settings(cls, cfg[key], key) for key, cls in _GROUPS.items() if cfg.get(key) is not None}
     _check_format(cfg, groups.get("lora"))
-    speed = groups.get("speed")
-    if speed is not None and speed.blocks_per_graph > 1 and str(cfg.model.get("arch") or "flux") != "flux":
-        raise FluxLoraError(f"speed.blocks_per_graph={speed.blocks_per_graph} groups FLUX.1's blocks only, not "
-                            f"{cfg.model.arch}'s (each of its blocks gets a modulation of its own); set "
-                            "speed.blocks_per_graph=1")
+    _check_block_groups(cfg, groups.get("speed"), groups.get("memory"))
     if str(cfg.train.nonfinite) not in NONFINITE:
         raise FluxLoraError(f"train.nonfinite={cfg.train.nonfinite!r} is not one of {NONFINITE}")
     _whole(cfg.train, "max_nonfinite_skips", "train", 0)
@@ -160,6 +156,22 @@ def _check_format(cfg: DictConfig, lora: LoraSettings | None) -> None:
             raise FluxLoraError(f"output.format=diffusers cannot carry the text-encoder LoRA layers of {path} "
                                 "(lora.text_encoder_lora=keep writes them back in kohya files): set output.format="
                                 "kohya or both, or lora.text_encoder_lora=drop")
+
+
+def _check_block_groups(cfg: DictConfig, speed: SpeedSettings | None, memory: MemorySettings | None) -> None:
+    """`speed.blocks_per_graph` > 1 groups FLUX.1's blocks, none swapped or checkpointed (a tier checkpoints)."""
+    k = speed.blocks_per_graph if speed is not None else 1
+    if k == 1:
+        return
+    if str(cfg.model.get("arch") or "flux") != "flux":
+        raise FluxLoraError(f"speed.blocks_per_graph={k} groups FLUX.1's blocks only, not {cfg.model.arch}'s (each of "
+                            "its blocks gets a modulation of its own); set speed.blocks_per_graph=1")
+    memory = memory or MemorySettings()
+    try:  # before loading, whether or not this device swaps and compiles: the settings cannot work together
+        check_block_groups(speed, swapping=bool(memory.blocks_to_swap or memory.paired_blocks_to_swap),
+                           checkpointing=memory.gradient_checkpointing)
+    except ValueError as e:
+        raise FluxLoraError(str(e)) from None
 
 
 def _whole(node: Any, key: str, group: str, minimum: int) -> None:

@@ -32,12 +32,15 @@ def test_bad_values_and_combinations_are_refused_in_one_line():
     assert plan(grouped, "cpu").compile
 
 
-def test_a_chroma_run_is_refused_before_loading(make_cfg):
+def test_chroma_and_tier_runs_are_refused_before_loading(make_cfg):
     from fluxlora.run.settings import check_config
 
     with pytest.raises(FluxLoraError, match="blocks_per_graph=3 groups FLUX.1's blocks only"):
         check_config(make_cfg("model=tiny-chroma", "speed.blocks_per_graph=3"))
     check_config(make_cfg("speed.blocks_per_graph=3"))
+    # a tier checkpoints every block (and swaps on a GPU): refused before loading on any device
+    with pytest.raises(FluxLoraError, match="blocks_to_swap=0 and memory.gradient_checkpointing=false"):
+        check_config(make_cfg("+vram=16gb", "speed.blocks_per_graph=3"))
 
 
 def _keys(module) -> list[str]:

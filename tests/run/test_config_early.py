@@ -81,6 +81,9 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "budget": (["memory.budget_gb=abc"], "memory.budget_gb='abc' must be a number or null"),
         "t5_storage": (["memory.t5_storage=fp4"], "memory.t5_storage='fp4' is not one of"),
         "paired_swap": (["memory.paired_blocks_to_swap=-1"], "memory.paired_blocks_to_swap must be >= 0 or null"),
+        "blocks_per_graph": (["speed.blocks_per_graph=0"], "speed.blocks_per_graph=0 must be a whole number >= 1"),
+        "blocks_per_graph_tier": (["+vram=12gb", "speed.blocks_per_graph=4"],
+                                  "speed.blocks_per_graph=4 runs whole groups of blocks in one call"),
         "cache_batch": (["data.cache_batch_size=0"], "data.cache_batch_size=0 must be a positive integer or auto"),
         # the shipped memory.base_storage=auto keeps the bf16 base on the CPU: fp8 matmuls have no fp8 weights
         "fp8_matmul_on_auto": (["memory.fp8_matmul=true"],
