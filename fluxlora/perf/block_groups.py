@@ -19,9 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-GROUPED_KINDS = ("transformer_blocks", "single_transformer_blocks")
-"""FLUX.1's block lists (`FluxTransformer2DModel`): every block of a list takes the same keyword arguments and
-returns `(encoder_hidden_states, hidden_states)`, which a group passes from block to block."""
+from fluxlora.perf.checkpointing import BLOCK_KINDS
 
 
 def group_sizes(n: int, k: int) -> list[int]:
@@ -75,7 +73,9 @@ def group_blocks(transformer: torch.nn.Module, k: int, compile_fn: Callable) -> 
         raise ValueError(f"speed.blocks_per_graph={k} groups FLUX.1's blocks only, not {type(transformer).__name__}'s;"
                          " set speed.blocks_per_graph=1")
     regions = 0
-    for kind in GROUPED_KINDS:
+    # in FLUX.1 every block of a list takes the same keyword arguments and returns (encoder_hidden_states,
+    # hidden_states), which a group passes from block to block
+    for kind in BLOCK_KINDS:
         blocks = list(getattr(transformer, kind, []))
         start = 0
         for size in group_sizes(len(blocks), k):

@@ -46,10 +46,14 @@ def block_checkpoint_func(block: torch.nn.Module, *args):
     return block(*args)
 
 
+BLOCK_KINDS = ("transformer_blocks", "single_transformer_blocks")
+"""The transformer's block lists (double, then single blocks), in the order forward runs them."""
+
+
 def transformer_blocks(transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, block) of every double then single block, in the order forward runs them."""
     out = []
-    for kind in ("transformer_blocks", "single_transformer_blocks"):
+    for kind in BLOCK_KINDS:
         out += [(f"{kind}.{i}", b) for i, b in enumerate(getattr(transformer, kind, []))]
     return out
 

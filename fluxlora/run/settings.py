@@ -128,7 +128,7 @@ def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
     from fluxlora.data.settings import parse_resolution
 
     w, h = parse_resolution(cfg.data.get("resolution", 512), "data")
-    flux1 = str(cfg.model.get("arch") or "flux") == "flux"
+    flux1 = _flux1(cfg)
     devices, nodes = requested_processes(cfg, device)
     try:
         return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1, devices * nodes,
@@ -158,12 +158,17 @@ def _check_format(cfg: DictConfig, lora: LoraSettings | None) -> None:
                                 "kohya or both, or lora.text_encoder_lora=drop")
 
 
+def _flux1(cfg: DictConfig) -> bool:
+    """A FLUX.1 transformer (dev, schnell, Kontext), not Chroma: `model.arch`, `flux` when unset."""
+    return str(cfg.model.get("arch") or "flux") == "flux"
+
+
 def _check_block_groups(cfg: DictConfig, speed: SpeedSettings | None, memory: MemorySettings | None) -> None:
     """`speed.blocks_per_graph` > 1 groups FLUX.1's blocks, none swapped or checkpointed (a tier checkpoints)."""
     k = speed.blocks_per_graph if speed is not None else 1
     if k == 1:
         return
-    if str(cfg.model.get("arch") or "flux") != "flux":
+    if not _flux1(cfg):
         raise FluxLoraError(f"speed.blocks_per_graph={k} groups FLUX.1's blocks only, not {cfg.model.arch}'s (each of "
                             "its blocks gets a modulation of its own); set speed.blocks_per_graph=1")
     memory = memory or MemorySettings()
