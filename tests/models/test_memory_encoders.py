@@ -100,6 +100,36 @@ def test_kept_captions_ride_along_and_need_no_stage_later():
     torch.testing.assert_close(kept["pooled"], alone["pooled"])
 
 
+def test_a_stage_logs_where_its_time_went(caplog):
+    """Each stage's line splits its time: reading the encoder, moving it on, the work, moving it off."""
+    import re
+    import time
+    from fluxlora.models import load_components
+    from omegaconf import OmegaConf
+
+    class Slow(encode_mod.DevicePlacement):
+        def on(self, stage, module, device):
+            time.sleep(0.3)
+
+        def off(self, stage, module):
+            time.sleep(0.6)
+
+    comps = load_components(OmegaConf.create({"source": "tiny", "t5_max_length": 16}))
+    enc = encode_mod.StagedEncoders(comps, torch.device("cpu"), 16, placement=Slow())
+    with caplog.at_level("INFO", logger=encode_mod.log.name):
+        with enc.stage("t5"):
+            time.sleep(0.2)
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("caching stage T5")]
+    assert len(line) == 1, caplog.text
+    m = re.fullmatch(r"caching stage T5: ([\d.]+)s \(read ([\d.]+)s, to the device ([\d.]+)s, work ([\d.]+)s, "
+                     r"off it ([\d.]+)s\)", line[0])
+    assert m, line[0]
+    total, read, on, work, off = map(float, m.groups())
+    assert on == pytest.approx(0.3, abs=0.15) and work == pytest.approx(0.2, abs=0.15), line[0]
+    assert off == pytest.approx(0.6, abs=0.15), line[0]
+    assert total == pytest.approx(read + on + work + off, abs=0.25), line[0]  # the parts add up (each rounded)
+
+
 def test_batches_follow_the_memory_left(monkeypatch):
     free = {"bytes": 7 * GiB}
     monkeypatch.setattr(encode_mod, "available_memory", lambda device: free["bytes"])
