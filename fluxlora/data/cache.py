@@ -1,9 +1,11 @@
 """Disk caches of VAE latents and text-encoder outputs: one `.npz` per image and bucket, keyed by content.
 
 Each file carries its own content key (image bytes, caption variants, encoder identity, bucket, dtype, format), so a
-stale, truncated or corrupt file is detected and rebuilt, never trusted; `manifest.json` lists every file with its
-key. Files are written to a temp name in the cache folder, flushed, fsynced and renamed: a crash leaves either the
-old file or the new one. Every read is time-limited (`bounded_read`); the file layout is in `cache_format`.
+stale, truncated or corrupt file is detected and rebuilt, never trusted. Texts that no image carries (the sample
+prompts) get a file each, `text-<hash>.npz`, keyed the same way (`LatentCache.texts`, `CachedTexts`).
+`manifest.json` lists every image's file with its key. Files are written to a temp name in the cache folder,
+flushed, fsynced and renamed: a crash leaves either the old file or the new one. Every read is time-limited
+(`bounded_read`); the file layout is in `cache_format`.
 
 Example::
 
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from fluxlora.atomic import atomic_write_text
-from fluxlora.data.cache_format import DTYPES, check_file, to_storage, write_sample
+from fluxlora.data.cache_format import DTYPES, check_file, from_storage, read_sample, to_storage, write_sample
 from fluxlora.data.images import ImageRecord, load_image
 from fluxlora.data.rank_agreement import announce_done, announce_progress, wait_for_ranks
 from fluxlora.errors import FluxLoraError
@@ -355,6 +357,45 @@ class LatentCache:
     def _write(self, file: Path, arrays: dict[str, np.ndarray], key: str, variants: int) -> None:
         write_sample(file, arrays, key, self.dtype, variants)
 
+    def text_file(self, text: str) -> Path:
+        """The file of one text's encodings that no image carries (a sample prompt, a negative prompt)."""
+        return self.folder / f"text-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}.npz"
+
+    def _text_key(self, text: str) -> str:
+        return hashlib.sha256(json.dumps([FORMAT_VERSION, self.encoder_id, self.dtype, "text", text])
+                              .encode("utf-8")).hexdigest()
+
+    def texts(self, texts: Sequence[str], encode: Callable[[list[str]], dict]) -> dict[str, torch.Tensor]:
+        """`pooled`, `t5` and `t5_mask` of `texts`, stacked in their order, as `encode` (`StagedEncoders.texts`)
+        gives them: read from this folder where a current file holds them, the rest encoded in one call and written,
+        one file per text. A resumed or repeated run then renders its samples without bringing CLIP-L and T5 to the
+        device again (on the H200 that trip took 11-15 s of each run's start, for two prompts). The values are the
+        stored ones (in the cache dtype) either way, so a run and its resume render alike. A file that cannot be
+        written is a warning, not an error: the encodings are in hand, only the next run's shortcut is lost."""
+        rows: dict[str, dict[str, torch.Tensor]] = {}
+        missing = []
+        self._remove_stale_temps({self.text_file(t).name for t in texts})
+        for text in dict.fromkeys(texts):
+            file = self.text_file(text)
+            why = check_file(file, self._text_key(text), 1, None, self.full_check, self.read_timeout)
+            if why is None:
+                rows[text] = read_sample(file, 0, self.read_timeout, latents=False)
+                continue
+            if why != "absent":
+                log.warning("cache file %s is %s; rebuilding it", file, why)
+            missing.append(text)
+        if missing:
+            out = encode(missing)
+            for i, text in enumerate(missing):
+                arrays = {f"{k}_0": to_storage(out[k][i], self.dtype) for k in _TEXT_KEYS}
+                rows[text] = {k: from_storage(arrays[f"{k}_0"], self.dtype) for k in _TEXT_KEYS}
+                try:
+                    self._write(self.text_file(text), arrays, self._text_key(text), 1)
+                except OSError as e:
+                    log.warning("could not keep a prompt's encodings in %s (%s: %s); the next run encodes it again",
+                                self.text_file(text), type(e).__name__, e)
+        return {k: torch.stack([rows[t][k] for t in texts]) for k in _TEXT_KEYS}
+
     @property
     def empty_caption_file(self) -> Path:
         return self.folder / EMPTY_CAPTION_FILE
@@ -368,3 +409,19 @@ class LatentCache:
         if why not in (None, "absent"):
             log.warning("cache file %s is %s; rebuilding it", self.empty_caption_file, why)
         return why is not None
+
+
+class CachedTexts:
+    """An encoder's `texts(captions)` answered from a `LatentCache` where it can (`LatentCache.texts`): what the
+    sampler encodes its prompts with, so only prompts new to the cache folder bring the text encoders back.
+
+    Args:
+        cache: the data cache (its folder, encoder identity, dtype and checks).
+        encoder: anything with `texts(captions) -> {pooled, t5, t5_mask}` (`StagedEncoders`).
+    """
+
+    def __init__(self, cache: LatentCache, encoder: Any) -> None:
+        self.cache, self.encoder = cache, encoder
+
+    def texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.cache.texts(captions, self.encoder.texts)

@@ -209,6 +209,12 @@ class FluxDataModule(L.LightningDataModule):
     def _needs_empty_caption(self) -> bool:
         return any(s.caption_dropout_rate > 0 for s in self.settings.subsets)
 
+    def latent_cache(self, encoder_id: str) -> LatentCache:
+        """The cache folder for `encoder_id`'s outputs, with this data config's storage dtype, checks and read limit
+        (the images' files, and through `LatentCache.texts` the sample prompts')."""
+        return LatentCache(self.cache_dir, encoder_id, dtype=str(self.cfg.get("cache_dtype", "float32")),
+                           check=str(self.cfg.get("cache_check", "full")), read_timeout=self.read_timeout)
+
     def build_cache(self, encode: Any, encoder_id: str, progress=None, rank: int | None = None,
                     world_size: int | None = None) -> list[CacheEntry]:
         """Make sure every image has a valid cache file (reusing what is already there).
@@ -222,8 +228,7 @@ class FluxDataModule(L.LightningDataModule):
         if not self.records:
             self.scan()
         cfg = self.cfg
-        cache = LatentCache(self.cache_dir, encoder_id, dtype=str(cfg.get("cache_dtype", "float32")),
-                            check=str(cfg.get("cache_check", "full")), read_timeout=self.read_timeout)
+        cache = self.latent_cache(encoder_id)
         # the validation images share the cache (same content keys: one moved between the sets is not re-encoded)
         entries = cache.build(self.items + self.val_items, encode, batch_size=cache_batch_size(cfg.cache_batch_size),
                                    progress=progress,

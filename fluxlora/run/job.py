@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fluxlora.atomic import atomic_write_text
 from fluxlora.data import FluxDataModule
+from fluxlora.data.cache import CachedTexts
 from fluxlora.data.datamodule import cache_batch_size
 from fluxlora.distributed.settings import RankInfo
 from fluxlora.distributed.strategy import is_collective_failure
@@ -193,12 +194,14 @@ def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageCloc
                               keep=keep)
     heartbeat("caching")
     clock.begin("cache")
-    dm.build_cache(encoders, comps.encoder_identity(int(cfg.model.t5_max_length)),
-                   progress=job.watchdog.progress if job.watchdog is not None else None)
+    identity = comps.encoder_identity(int(cfg.model.t5_max_length))
+    dm.build_cache(encoders, identity, progress=job.watchdog.progress if job.watchdog is not None else None)
     clock.begin("build")
     if sampler is not None:
         heartbeat("caching", "sample prompts")
-        sampler.prepare(comps, encoders)  # encoded with the captions above (a stage only where there were none)
+        # read from the cache folder where a run before encoded them, else encoded with the captions above (a stage
+        # only where there were none)
+        sampler.prepare(comps, CachedTexts(dm.latent_cache(identity), encoders))
     comps.release_encoders()  # the step sees only cached tensors; the VAE waits on the host for sampling
     gc.collect()
 

@@ -237,3 +237,61 @@ def test_sigkill_during_caching_leaves_no_corrupt_file_and_a_rerun_completes(tmp
                           batch_size=8)
     assert len(entries) == 40 and len(assert_cache_intact(cache_dir)) == 40
     print(f"killed mid-write: {caught_mid_write}, files before the rerun: {len(survivors)}")
+
+
+def test_prompt_encodings_are_kept_and_read_back_by_the_next_run(tmp_path, caplog):
+    """`LatentCache.texts`: what a run encoded for its sample prompts, the next run (a resume) reads instead of
+    bringing the text encoders back; only texts new to the folder are encoded; a new encoder or a damaged file
+    re-encodes; values are the stored ones either way, so a run and its resume render alike."""
+    prompts = ["a red fox --w 512", "a blue jay", "a red fox --w 512"]  # a duplicate is encoded once
+    first_enc = FakeEncoder()
+    cache = LatentCache(tmp_path / "cache", "enc-a", dtype="bfloat16")
+    (tmp_path / "cache").mkdir()
+    first = cache.texts(prompts, first_enc.texts)
+    assert first_enc.captions == ["a red fox --w 512", "a blue jay"]
+    assert first["t5"].shape == (3, 6, 8) and first["t5"].dtype == torch.bfloat16
+    assert torch.equal(first["t5"][0], first["t5"][2])
+    assert sorted(p.name.startswith("text-") for p in (tmp_path / "cache").iterdir()) == [True, True]
+
+    again = FakeEncoder()  # a new process: a fresh LatentCache, the same folder and encoder
+    second = LatentCache(tmp_path / "cache", "enc-a", dtype="bfloat16").texts(prompts, again.texts)
+    assert again.captions == []
+    for k in ("t5", "pooled", "t5_mask"):
+        assert torch.equal(second[k], first[k]), k
+
+    more = FakeEncoder()  # one new prompt: only it is encoded
+    LatentCache(tmp_path / "cache", "enc-a", dtype="bfloat16").texts(["a blue jay", "a green frog"], more.texts)
+    assert more.captions == ["a green frog"]
+
+    victim = cache.text_file("a red fox --w 512")
+    flip_member_bytes(victim, "t5_0.npy")
+    fixed = FakeEncoder()
+    with caplog.at_level(logging.WARNING):
+        third = LatentCache(tmp_path / "cache", "enc-a", dtype="bfloat16").texts(prompts, fixed.texts)
+    assert fixed.captions == ["a red fox --w 512"] and f"cache file {victim} is unreadable" in caplog.text
+    assert torch.equal(third["t5"], first["t5"])
+
+    # another encoder (a T5 file or a text-encoder LoRA changed) rewrites the file, as it does an image's
+    caplog.clear()
+    other = FakeEncoder()
+    with caplog.at_level(logging.WARNING):
+        LatentCache(tmp_path / "cache", "enc-b", dtype="bfloat16").texts(["a blue jay"], other.texts)
+    assert other.captions == ["a blue jay"] and "stale" in caplog.text
+
+
+def test_a_prompt_file_that_cannot_be_written_is_a_warning(tmp_path, caplog, monkeypatch):
+    """The encodings are in hand: a full or read-only cache folder costs the next run's shortcut, not this run."""
+    import fluxlora.data.cache as cache_mod
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "write_sample", full_disk)
+    enc = FakeEncoder()
+    cache = LatentCache(tmp_path / "cache", "enc-a")
+    (tmp_path / "cache").mkdir()
+    with caplog.at_level(logging.WARNING):
+        out = cache.texts(["a red fox"], enc.texts)
+    assert out["t5"].shape == (1, 6, 8) and enc.captions == ["a red fox"]
+    assert "could not keep a prompt's encodings" in caplog.text and "No space left on device" in caplog.text
+    assert not any((tmp_path / "cache").iterdir())

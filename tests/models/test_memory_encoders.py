@@ -84,6 +84,20 @@ def test_a_run_stages_its_encoders_one_at_a_time(make_cfg, monkeypatch):
     assert {stage for stage, _ in Accountant.ran} == {"vae", "clip", "t5"}
 
 
+def test_a_resumed_run_brings_no_encoder_to_the_device(make_cfg, monkeypatch, caplog):
+    """The images' files and the sample prompts' encodings are in the cache folder: continuing the run reads them
+    all, so neither the VAE nor CLIP-L nor T5 comes to the device (T5's trip took 11-15 s on the H200)."""
+    Accountant.log, Accountant.resident, Accountant.ran, Accountant.hooked = [], {}, [], set()
+    monkeypatch.setattr(encode_mod, "DevicePlacement", Accountant)
+    train_mod.run(make_cfg("trainer.max_steps=1"))
+    assert [s for w, s in Accountant.log if w == "on"] == ["vae", "clip", "t5"]
+    Accountant.log = []
+    with caplog.at_level("INFO"):
+        train_mod.run(make_cfg("trainer.max_steps=2"))
+    assert "resum" in caplog.text.lower() and "samples at step 2" in caplog.text, caplog.text[-2000:]
+    assert Accountant.log == []
+
+
 def test_kept_captions_ride_along_and_need_no_stage_later():
     from fluxlora.models import load_components
     from omegaconf import OmegaConf
