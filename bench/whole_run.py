@@ -299,9 +299,8 @@ def run_cell(args, tier: str, res: int, extra: list[str], tag: str, inductor: Pa
            "grids": len(list((folder / "sample").glob("*_grid.png"))) if (folder / "sample").exists() else 0,
            "errors": [ln for ln in out.splitlines() if "fluxlora: error" in ln or "Error" in ln][-3:],
            "log": [ln[-220:] for ln in out.splitlines() if any(k in ln for k in (
-               "memory budget", "caching:", "caching stage", "sampling mode", "T5", "stages:", "loaded ", "samples at", "switched off",
-               "attention:", "CUDA graphs", "first step", "first batch of shape",
-               "ran out"))]}
+               "memory budget", "caching:", "caching stage", "sampling mode", "T5", "stages:", "loaded ", "samples at",
+               "switched off", "attention:", "CUDA graphs", "first step", "first batch of shape", "ran out"))]}
     if stages.exists():
         row.update(json.loads(stages.read_text()))
         # time spent before steady speed on compiling: the first step and the first step of each new bucket shape

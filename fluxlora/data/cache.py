@@ -376,24 +376,24 @@ class LatentCache:
         missing = []
         self._remove_stale_temps({self.text_file(t).name for t in texts})
         for text in dict.fromkeys(texts):
-            file = self.text_file(text)
-            why = check_file(file, self._text_key(text), 1, None, self.full_check, self.read_timeout)
+            file, key = self.text_file(text), self._text_key(text)
+            why = check_file(file, key, 1, None, self.full_check, self.read_timeout)
             if why is None:
                 rows[text] = read_sample(file, 0, self.read_timeout, latents=False)
                 continue
             if why != "absent":
                 log.warning("cache file %s is %s; rebuilding it", file, why)
-            missing.append(text)
+            missing.append((text, file, key))
         if missing:
-            out = encode(missing)
-            for i, text in enumerate(missing):
+            out = encode([text for text, _, _ in missing])
+            for i, (text, file, key) in enumerate(missing):
                 arrays = {f"{k}_0": to_storage(out[k][i], self.dtype) for k in _TEXT_KEYS}
                 rows[text] = {k: from_storage(arrays[f"{k}_0"], self.dtype) for k in _TEXT_KEYS}
                 try:
-                    self._write(self.text_file(text), arrays, self._text_key(text), 1)
+                    self._write(file, arrays, key, 1)
                 except OSError as e:
                     log.warning("could not keep a prompt's encodings in %s (%s: %s); the next run encodes it again",
-                                self.text_file(text), type(e).__name__, e)
+                                file, type(e).__name__, e)
         return {k: torch.stack([rows[t][k] for t in texts]) for k in _TEXT_KEYS}
 
     @property
