@@ -38,11 +38,18 @@ STRATEGIES = ("auto", "ddp")
 """`trainer.strategy` values fluxlora runs with several processes (both mean BoundedDDPStrategy)."""
 
 
-def build_strategy(cfg: Any, info: RankInfo, dist: DistributedSettings) -> Any:
-    """The `strategy` argument of the Trainer: BoundedDDPStrategy for several processes, else `trainer.strategy`."""
+def build_strategy(cfg: Any, info: RankInfo, dist: DistributedSettings, device: torch.device | None = None) -> Any:
+    """The `strategy` argument of the Trainer: BoundedDDPStrategy for several processes, else `trainer.strategy`;
+    for one process on one GPU (`device`, the run's), Lightning's own with a teardown that frees the module's memory
+    instead of copying it to the host (`fluxlora.run.teardown`)."""
     value = cfg.trainer.get("strategy", "auto")
     if not info.distributed:
-        return "auto" if value == "ddp" else value
+        value = "auto" if value == "ddp" else value
+        if value == "auto" and device is not None and device.type == "cuda" and cfg.trainer.get("devices") in (1, "1"):
+            from fluxlora.run.teardown import ReleasingSingleDeviceStrategy
+
+            return ReleasingSingleDeviceStrategy(device)
+        return value
     if not isinstance(value, str):  # a `_target_` node: the user's own strategy, and its own bounds
         from hydra.utils import instantiate
 

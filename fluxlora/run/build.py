@@ -176,9 +176,11 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
 
 
 def make_trainer(cfg: DictConfig, out: Path, callbacks: list, precision: str, info: RankInfo,
-                 dist: DistributedSettings, resume_step: int | None = None) -> L.Trainer:
+                 dist: DistributedSettings, resume_step: int | None = None,
+                 device: torch.device | None = None) -> L.Trainer:
     """Lightning's Trainer from `cfg.trainer`, with the run's callbacks, loggers, checkpoint IO and strategy;
-    `resume_step`: the global step of the checkpoint the run continues from (the CSV log continues too)."""
+    `resume_step`: the global step of the checkpoint the run continues from (the CSV log continues too); `device`:
+    the run's (`build_strategy`)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["precision"] = precision
     if not trainer_cfg.get("gradient_clip_val"):
@@ -187,4 +189,4 @@ def make_trainer(cfg: DictConfig, out: Path, callbacks: list, precision: str, in
     plugins = [instantiate(cfg.checkpoint_io)] if cfg.get("checkpoint_io") else []
     return instantiate(trainer_cfg, callbacks=callbacks, logger=run_loggers(out / "logs", resume_step),
                        default_root_dir=str(out),
-                       plugins=plugins, strategy=build_strategy(cfg, info, dist))
+                       plugins=plugins, strategy=build_strategy(cfg, info, dist, device))

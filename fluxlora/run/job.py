@@ -224,7 +224,7 @@ def _build(job: Job, comps: Any, callbacks: dict, steps: int, precision: str,
     if plan.path is not None and plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs")):
         return report_complete(job.name, job.out, plan) if job.owner else None
     trainer = make_trainer(cfg, job.out, list(callbacks.values()), precision, job.info, job.settings.distributed,
-                           plan.global_step if plan.path is not None else None)
+                           plan.global_step if plan.path is not None else None, job.device)
     job.strategy = trainer.strategy
     return module, trainer, plan
 
