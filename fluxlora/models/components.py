@@ -46,9 +46,9 @@ class FluxComponents:
     transformer_loader: Callable[[Any], Any] | None = None
     """device -> transformer; set while the transformer is deferred (read after the text encoders left RAM)."""
     encoder_loaders: dict[str, Callable[[], Any]] = field(default_factory=dict)
-    """'text_encoder' / 'text_encoder_2' -> loader, while that encoder is deferred: caching reads each when its
-    stage begins, so T5 (9.5 GB in 16 bits) is never in RAM beside the others, and not at all when nothing needs
-    encoding."""
+    """'text_encoder' / 'text_encoder_2' -> loader of a deferred encoder: caching reads each when its stage begins,
+    so T5 (9.5 GB in 16 bits) is never in RAM beside the others, and not at all when nothing needs encoding; after
+    its stage it is dropped (`drop_encoder`) and read again only if another stage needs it."""
     t5_storage: str = "full"
     """How T5 is (or will be) kept: `fp8` block Linears or `full` (the compute dtype); see `resolve_t5_storage`."""
     arch: str = "flux"
@@ -78,10 +78,18 @@ class FluxComponents:
         """The text encoder `part` ('text_encoder' = CLIP-L, 'text_encoder_2' = T5), read now if it was deferred."""
         module = getattr(self, part)
         if module is None and part in self.encoder_loaders:
-            module = self.encoder_loaders.pop(part)()
+            module = self.encoder_loaders[part]()
             setattr(self, part, module)
             self._apply_text_encoder_lora(part)
         return module
+
+    def drop_encoder(self, part: str) -> bool:
+        """Forget the text encoder `part` where its file can be read again (`encoder` then reads it anew, its LoRA
+        layers included): True. False where it cannot (built in memory) or is not held; the caller keeps it."""
+        if part not in self.encoder_loaders or getattr(self, part) is None:
+            return False
+        setattr(self, part, None)
+        return True
 
     def use_text_encoder_lora(self, lora: Any) -> None:
         """Apply a file's text-encoder LoRA layers (`TextEncoderLora`) to CLIP-L / T5: now to an encoder already

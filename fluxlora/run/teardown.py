@@ -4,9 +4,9 @@ Lightning's `Strategy.teardown` moves the whole LightningModule to the CPU once 
 a copy of the frozen base nobody reads again (the LoRA, the checkpoints and the samples are written by then): on
 the H200 it took 11-12 s of every 20gb/24gb whole run at 1024 px (a 12 GB fp8 base) between the end checkpoint and
 the stage summary. Here each plain device tensor of the module (parameters, their gradients, buffers) is swapped
-for an empty host tensor first, so Lightning's copy finds nothing on the device; the memory goes back to the
-allocator all the same, which a sweep run in one process needs for its next job. Tensor subclasses (bitsandbytes'
-NF4 parameters) are left to Lightning's copy.
+for an empty host tensor first (`fluxlora.perf.release`), so Lightning's copy finds nothing on the device; the
+memory goes back to the allocator all the same, which a sweep run in one process needs for its next job. Tensor
+subclasses (bitsandbytes' NF4 parameters) are left to Lightning's copy.
 
 Example::
 
@@ -18,29 +18,12 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from fluxlora.perf.release import release_device_tensors
+
 log = logging.getLogger(__name__)
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def release_device_tensors(module: torch.nn.Module, device_type: str) -> int:
-    """Swap every plain tensor of `module` on a `device_type` device (parameters, gradients, buffers) for an empty
-    host tensor of its dtype; returns the bytes released. The module cannot run afterwards."""
-    released = 0
-
-    def empty(t: torch.Tensor) -> torch.Tensor:
-        nonlocal released
-        if t.device.type != device_type or type(t) not in _PLAIN:
-            return t
-        released += t.numel() * t.element_size()
-        return torch.empty(0, dtype=t.dtype)
-
-    module._apply(empty)
-    return released
 
 
 class ReleasingSingleDeviceStrategy(SingleDeviceStrategy):

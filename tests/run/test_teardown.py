@@ -10,7 +10,8 @@ from lightning.pytorch.accelerators import CPUAccelerator
 
 from fluxlora.distributed.settings import DistributedSettings, rank_info
 from fluxlora.distributed.strategy import build_strategy
-from fluxlora.run.teardown import ReleasingSingleDeviceStrategy, release_device_tensors
+from fluxlora.perf.release import release_device_tensors
+from fluxlora.run.teardown import ReleasingSingleDeviceStrategy
 
 META = torch.device("meta")
 

@@ -1,0 +1,34 @@
+"""Free a module's device memory without copying it anywhere: for modules nobody runs again.
+
+Moving a large module to the CPU is not free: on the H200, `.to("cpu")` of a 16-bit T5-XXL took 6.2 s of every
+run's caching, and Lightning's teardown copy of a 12 GB fp8 Flux 11-12 s of every run's end. Where the module is
+read again from its file if it is needed (`FluxComponents.drop_encoder`) or not needed at all (the end of
+training), its device tensors are swapped for empty host tensors instead.
+
+Example::
+
+    released = release_device_tensors(t5, "cuda")   # bytes; t5 cannot run afterwards
+"""
+
+from __future__ import annotations
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def release_device_tensors(module: torch.nn.Module, device_type: str) -> int:
+    """Swap every plain tensor of `module` on a `device_type` device (parameters, gradients, buffers) for an empty
+    host tensor of its dtype; returns the bytes released. Tensor subclasses (bitsandbytes' NF4 parameters) are left
+    as they are. The module cannot run afterwards."""
+    released = 0
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        nonlocal released
+        if t.device.type != device_type or type(t) not in _PLAIN:
+            return t
+        released += t.numel() * t.element_size()
+        return torch.empty(0, dtype=t.dtype)
+
+    module._apply(empty)
+    return released
