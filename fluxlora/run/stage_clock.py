@@ -120,9 +120,9 @@ class StageClock(L.Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning's own teardown runs before this hook: `after_steps` holds the end-of-training callbacks (the last
-        # checkpoint, waiting for a sampling round) and that teardown, which copies the module to host memory. On the
-        # H200 the end checkpoint's log line came 2 s (8gb, blocks on the host) to 10-12 s (24gb, no tier) before the
-        # stage summary; this boundary tells the teardown from what follows it
+        # checkpoint, waiting for a sampling round) and that teardown. On the H200 its copy of the module to host
+        # memory took 10-12 s (24gb, no tier) until `fluxlora.run.teardown` freed the device tensors instead;
+        # this boundary tells the teardown from what follows it
         self.begin("after_fit")
 
     # ---- the summary ----

@@ -6,7 +6,8 @@ the H200 it took 11-12 s of every 20gb/24gb whole run at 1024 px (a 12 GB fp8 ba
 the stage summary. Here each plain device tensor of the module (parameters, their gradients, buffers) is swapped
 for an empty host tensor first (`fluxlora.perf.release`), so Lightning's copy finds nothing on the device; the
 memory goes back to the allocator all the same, which a sweep run in one process needs for its next job. Tensor
-subclasses (bitsandbytes' NF4 parameters) are left to Lightning's copy.
+subclasses (bitsandbytes' NF4 parameters) are left to Lightning's copy. Measured on the H200: 12.7 GB released in
+0.0 s (24gb at 512 px), and 0.6-3.5 s from the last step to the stage summary against 8.3-15.1 s before.
 
 Example::
 
