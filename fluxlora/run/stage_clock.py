@@ -1,11 +1,12 @@
-"""StageClock: where a run's time and device memory went, stage by stage, so a user (and `bench/whole_run.py`) can
+"""StageClock: where a run's time and memory went, stage by stage, so a user (and `bench/whole_run.py`) can
 see which stage is slow or tight: load, cache, build, first step (compiles included), the steps after it, and what
 happens after the last step (LoRA file, final checkpoint, last samples).
 
 The stages before training are marked by the run (`begin`); the rest by Lightning's hooks: `first_step`, then
 `steps` (each training step) and `between_steps` (what runs between two: sampling rounds in between_steps mode,
 checkpoint saves, the next batch), summed over the run. At the end one log line sums them up and `stages.json` in
-the run folder holds the numbers.
+the run folder holds the numbers. Host memory is the process's peak resident set so far at each stage's end: pinned
+copies of swapped blocks count there, and a user with 16-32 GB of RAM needs to know it as much as the card's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +28,10 @@ from fluxlora.atomic import atomic_write_text
 log = logging.getLogger(__name__)
 
 _GiB = float(1 << 30)
+try:
+    import resource
+except ImportError:  # Windows: no getrusage; the host column is left out
+    resource = None
 SLOW_STEP_FACTOR = 3.0  # a repeat-shape step this many times the fastest one is listed as slow in stages.json ...
 SLOW_STEP_S = 1.0       # ... when it also took at least this long (sub-second jitter is not worth a line)
 
@@ -72,6 +78,9 @@ class StageClock(L.Callback):
             if self._cuda:
                 peak = torch.cuda.max_memory_reserved(self._device) / _GiB
                 entry["peak_reserved_gib"] = round(max(peak, entry.get("peak_reserved_gib", 0.0)), 3)
+            host = host_peak_gib()
+            if host is not None:
+                entry["host_peak_gib"] = host
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self._device)
         self._current, self._t0 = stage, now
@@ -142,7 +151,8 @@ class StageClock(L.Callback):
                 "new_shape_steps_s": {str(s["step"]): s["s"] for s in self.steps if s["new_shape"]},
                 "slow_steps_s": slow,
                 "sampling_rounds_s": {str(k): round(v, 2) for k, v in sorted(sampled.items())},
-                "peak_reserved_gib": max(peaks) if peaks else None, "compiled_graphs": _compiled_graphs(),
+                "peak_reserved_gib": max(peaks) if peaks else None, "host_peak_gib": host_peak_gib(),
+                "compiled_graphs": _compiled_graphs(),
                 "device": torch.cuda.get_device_name(self._device) if self._cuda else str(self._device)}
 
     def finish(self, sampled: Optional[dict[int, float]] = None) -> dict[str, Any]:
@@ -153,9 +163,10 @@ class StageClock(L.Callback):
         parts = [f"{name} {v['s']:.1f}s" + (f" ({v['peak_reserved_gib']:.2f} GiB)" if "peak_reserved_gib" in v else "")
                  for name, v in self.stages.items()]
         steady = result["steady_s_per_step"]
-        log.info("stages: %s; steady %s s/step over %d steps%s", ", ".join(parts),
+        log.info("stages: %s; steady %s s/step over %d steps%s%s", ", ".join(parts),
                  f"{steady:.3f}" if steady is not None else "n/a", result["steady_steps"],
-                 f"; peak reserved {result['peak_reserved_gib']:.2f} GiB" if result["peak_reserved_gib"] else "")
+                 f"; peak reserved {result['peak_reserved_gib']:.2f} GiB" if result["peak_reserved_gib"] else "",
+                 f"; host peak {result['host_peak_gib']:.2f} GiB" if result["host_peak_gib"] else "")
         if result["slow_steps_s"]:
             log.info("steps of a shape seen before that took %.0fx the fastest or more (no sampling round beside them): "
                      "%s", SLOW_STEP_FACTOR, ", ".join(f"step {k} {v:.1f} s" for k, v in result["slow_steps_s"].items()))
@@ -165,6 +176,15 @@ class StageClock(L.Callback):
             except OSError as e:  # a report must not fail a finished run
                 log.warning("%s not written: %s", self._path, e)
         return result
+
+
+def host_peak_gib() -> Optional[float]:
+    """This process's peak resident set so far (GiB), or None where the OS does not say (Windows). DataLoader workers
+    are processes of their own and not in it."""
+    if resource is None:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (_GiB if sys.platform == "darwin" else _GiB / 1024), 3)
 
 
 def _compiled_graphs() -> Optional[int]:

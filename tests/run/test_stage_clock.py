@@ -96,3 +96,25 @@ def test_repeat_shape_steps_far_slower_than_the_fastest_are_listed_and_logged(mo
     assert result["new_shape_steps_s"] == {"2": 20.0}
     assert result["slow_steps_s"] == {"3": 21.0, "4": 19.5, "5": 2.0, "6": 2.1}  # not step 8: 0.9 s is under 1 s
     assert "step 3 21.0 s, step 4 19.5 s, step 5 2.0 s, step 6 2.1 s" in caplog.text
+
+
+def test_host_memory_peak_is_recorded_per_stage(monkeypatch, tmp_path, caplog):
+    """The process's peak resident set at each stage's end (pinned copies of swapped blocks live there) is in each
+    stage, the summary and its log line. getrusage is faked: a real process's peak is inherited across exec and
+    includes whatever the test worker held before."""
+    import resource
+
+    peaks_kib = iter([1 << 20, 3 << 20, 3 << 20, 5 << 20])  # 1, 3, 3, 5 GiB at successive reads (Linux: KiB)
+    monkeypatch.setattr(stage_clock.resource, "getrusage",
+                        lambda who: SimpleNamespace(ru_maxrss=next(peaks_kib)))
+    sc = StageClock("cpu", tmp_path / "stages.json")
+    sc.begin("load")
+    sc.begin("cache")
+    sc.begin("build")
+    with caplog.at_level("INFO", logger="fluxlora.run.stage_clock"):
+        result = sc.finish()
+    assert {k: v["host_peak_gib"] for k, v in result["stages"].items()} == {"load": 1.0, "cache": 3.0, "build": 3.0}
+    assert result["host_peak_gib"] == 5.0 and "host peak 5.00 GiB" in caplog.text
+    monkeypatch.undo()
+    real = stage_clock.host_peak_gib()
+    assert abs(real - resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)) < 0.01
