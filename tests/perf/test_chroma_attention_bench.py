@@ -4,19 +4,13 @@ cut that drops a caption token."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "chroma_attention.py"
+from helpers.bench import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("chroma_attention", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("chroma_attention")
 
 
 def test_cutting_the_padding_keeps_what_reaches_the_loss(monkeypatch):

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "memory_tiers.py"
+from helpers.bench import load_bench
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("memory_tiers", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("memory_tiers")
 
 
 def test_cpu_smoke_run_applies_the_tier(tmp_path):
