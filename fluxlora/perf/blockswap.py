@@ -121,8 +121,9 @@ class BlockSwapper:
         for pos, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(partial(self._pre_hook, pos)))
             self._hooks.append(block.register_forward_hook(partial(self._post_hook, pos), always_call=True))
-        log.info("block swap: %d of %d blocks (%.2f GB of frozen weights) live in host memory, prefetch %d",
-                 len(self.swapped), len(self.blocks), self.host_bytes / 1e9, prefetch)
+        log.info("block swap: %d of %d blocks (%.2f GB of frozen weights) live in host memory (%d buffers, %.2f GB), "
+                 "prefetch %d", len(self.swapped), len(self.blocks), self.host_bytes / 1e9,
+                 len(backend.arena.buffers), backend.arena.nbytes / 1e9, prefetch)
 
     @property
     def host_bytes(self) -> int:

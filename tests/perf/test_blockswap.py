@@ -167,6 +167,7 @@ class TrackingTransfers(HostTransfers):
     """Host backend that remembers every device copy weakly, to see which ones autograd still holds."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.copies: dict[str, list[weakref.ref]] = {}
 
     def start(self, block, host):
@@ -197,6 +198,7 @@ class StalledTransfers(HostTransfers):
     """The `nth` copy of `block` never completes."""
 
     def __init__(self, block: str, nth: int = 1) -> None:
+        super().__init__()
         self.block, self.nth, self.started, self.first_poll = block, nth, {}, None
 
     def start(self, block, host):
@@ -350,3 +352,49 @@ def test_a_swapped_fp8_model_survives_moves_and_lightnings_bf16_true_cast():
     assert slots and all(mod._parameters[p] is None for mod, p in slots)
     assert all(t.dtype == FP8 for sb in swapper.swapped.values() for k, t in sb.host.items() if k.endswith("weight")
                and t.dim() == 2)
+
+
+def test_host_copies_are_packed_into_shared_buffers_the_pinned_allocator_need_not_round():
+    """torch's pinned allocator rounds each allocation up to a power of two (FLUX.1's 9.4 MB fp8 weights would pin
+    16 MB each): the copies are views into buffers of one power-of-two size, packed first fit; each keeps its
+    values, dtype and shape, none overlaps another, and a tensor larger than a buffer gets one of its own."""
+    from fluxlora.perf.swap_transfer import ALIGN, HostArena
+
+    asked = []
+
+    def alloc(n):
+        asked.append(n)
+        return torch.full((n,), 0xAB, dtype=torch.uint8)  # garbage, as fresh host memory may hold
+
+    arena = HostArena(alloc, size=4096)
+    g = torch.Generator().manual_seed(0)
+    originals = [torch.randn(750, generator=g),                              # 3000 B: first buffer
+                 torch.randn(10, 20, generator=g).to(torch.bfloat16),         # 400 B: its tail
+                 torch.randn(64, 8, generator=g).to(torch.float8_e4m3fn),     # 512 B: its tail
+                 torch.randn(300, generator=g),                               # 1200 B: a second buffer
+                 torch.randn(3000, generator=g),                              # 12000 B: a buffer of its own
+                 torch.tensor(3.5), torch.zeros(0, 5), torch.rand(7, 9, generator=g) > 0.5,
+                 torch.randn(16, 12, generator=g).t()]                        # not contiguous: copied contiguous
+    copies = [arena.copy(t) for t in originals]
+    for t, c in zip(originals, copies):
+        assert (c.dtype, c.shape) == (t.dtype, t.shape) and c.is_contiguous()
+        assert torch.equal(c.view(torch.uint8) if c.dtype == torch.float8_e4m3fn else c,
+                           t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)
+        assert c.storage_offset() * c.element_size() % ALIGN == 0
+    assert asked == [4096, 4096, -(-12000 // ALIGN) * ALIGN] and arena.nbytes == sum(asked)
+    owners = [next(i for i, b in enumerate(arena.buffers) if c.untyped_storage().data_ptr() == b.data_ptr())
+              for c in copies]
+    assert owners[:5] == [0, 0, 0, 1, 2]
+    spans = sorted((c.untyped_storage().data_ptr() + c.storage_offset() * c.element_size(),
+                    c.numel() * c.element_size()) for c in copies if c.numel())
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))  # no two copies share a byte
+
+
+def test_swapped_weights_live_in_the_backends_buffers():
+    module = module_for(MemorySettings())
+    backend = HostTransfers()
+    swapper = _swapped(module, backend)
+    buffers = {b.data_ptr() for b in backend.arena.buffers}
+    hosts = [t for sb in swapper.swapped.values() for t in sb.host.values()]
+    assert hosts and {t.untyped_storage().data_ptr() for t in hosts} <= buffers
+    assert len(backend.arena.buffers) == 1 and swapper.host_bytes <= backend.arena.nbytes  # tiny: one buffer holds all
