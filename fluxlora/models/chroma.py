@@ -220,13 +220,28 @@ def attention_mask(t5_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
     return torch.cat([text, torch.ones(text.shape[0], image_tokens, dtype=torch.bool, device=text.device)], dim=1)
 
 
+TEXT_CUT = 64
+"""The training step keeps the T5 tokens up to the batch's longest caption + 1, rounded up to this (few shapes to
+compile): the rest are masked in every layer and never reach the loss (`cut_padding`)."""
+
+
+def cut_padding(t5: torch.Tensor, t5_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 outputs and mask without the padding no token attends to: the same prediction on every image token (text
+    position ids are all 0, so no position moves), with fewer tokens in every block. On the H200 Chroma at 20gb ran
+    0.90 s/step against FLUX.1's 0.63 with 512 text tokens, most of them padding."""
+    need = int(chroma_text_mask(t5_mask).sum(dim=1).max())
+    keep = min(t5.shape[1], -(-need // TEXT_CUT) * TEXT_CUT)
+    return t5[:, :keep], t5_mask[:, :keep]
+
+
 def predict(transformer: torch.nn.Module, xt: torch.Tensor, t5: torch.Tensor, t5_mask: torch.Tensor,
             sigma: torch.Tensor, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """The velocity prediction of a training step: no pooled embedding, no guidance (Chroma's embedder fixes it at
-    0), the T5 mask applied."""
+    0), the T5 mask applied, the padding past it cut (`cut_padding`)."""
     from fluxlora.training import flow as fm
 
     device = xt.device
+    t5, t5_mask = cut_padding(t5, t5_mask)
     return transformer(
         hidden_states=xt, encoder_hidden_states=t5, timestep=sigma.to(dtype),
         img_ids=fm.image_ids(height, width, device=device, dtype=dtype),

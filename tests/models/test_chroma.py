@@ -253,3 +253,27 @@ def test_tiny_chroma_demo_trains_samples_and_writes_its_lora(make_cfg):
     assert meta["ss_model_type"] == "chroma" and meta["modelspec.architecture"] == "chroma/lora"
     card = (out / "README.md").read_text()
     assert "A LoRA for Chroma" in card and "ChromaPipeline" in card
+
+
+def test_the_step_cuts_the_padding_nobody_attends_to_and_predicts_the_same(parts, monkeypatch):
+    """T5's 512 tokens are mostly padding that Chroma masks in every layer: the step keeps the longest caption + 1,
+    rounded up to TEXT_CUT, and every image token's prediction stays what the full masked sequence gives."""
+    model = parts["transformer"]
+    x = _inputs(config_of(model), text=20)  # sample 0: 3 tokens, sample 1: all 20
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]),
+                                           with_kwargs=True)
+    monkeypatch.setattr(chroma, "TEXT_CUT", 4)
+    with torch.no_grad():
+        both = chroma.predict(model, **x)                              # sample 1 needs all 20: nothing cut
+        one = {k: (v[:1] if torch.is_tensor(v) and v.dim() else v) for k, v in x.items()}
+        short = chroma.predict(model, **one)                            # 3 tokens + 1 pad: 4 kept
+        monkeypatch.setattr(chroma, "TEXT_CUT", 1 << 20)                 # nothing cut: the reference
+        full = chroma.predict(model, **one)
+    hook.remove()
+    assert seen == [20, 4, 20]
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-5)
+    assert both.shape == x["xt"].shape
+    monkeypatch.undo()
+    t5, mask = chroma.cut_padding(torch.zeros(1, 512, 8), torch.cat([torch.ones(1, 70), torch.zeros(1, 442)], 1))
+    assert t5.shape[1] == mask.shape[1] == 128  # 70 tokens + 1 pad, rounded up to 64
