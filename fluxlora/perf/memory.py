@@ -46,6 +46,10 @@ class MemorySettings:
     paired_blocks_to_swap: int | None = None
     """`blocks_to_swap` for a run that trains on control images (FLUX.1 Kontext), whose control tokens double the
     image sequence (~2 GiB more at 1024 px); None = `blocks_to_swap`. Made concrete by `resolved`."""
+    loha_blocks_to_swap: int | None = None
+    """`blocks_to_swap` for a LoHa run (`lora.type=loha`), whose two pairs of factors train twice LoRA's parameters at
+    one rank (~2.3 GiB more at 1024 px); None = `blocks_to_swap`. With `paired_blocks_to_swap` too, the larger
+    count. Made concrete by `resolved`."""
     swap_prefetch: int = 1
     """Swapped blocks in flight ahead of the running one (each costs one block of GPU memory)."""
     swap_timeout_s: float = 60.0
@@ -68,8 +72,9 @@ class MemorySettings:
             raise ValueError(f"memory.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.blocks_to_swap < 0:
             raise ValueError(f"memory.blocks_to_swap must be >= 0, got {self.blocks_to_swap}")
-        if self.paired_blocks_to_swap is not None and self.paired_blocks_to_swap < 0:
-            raise ValueError(f"memory.paired_blocks_to_swap must be >= 0 or null, got {self.paired_blocks_to_swap}")
+        for key in ("paired_blocks_to_swap", "loha_blocks_to_swap"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"memory.{key} must be >= 0 or null, got {getattr(self, key)}")
         if self.swap_prefetch < 0:
             raise ValueError(f"memory.swap_prefetch must be >= 0, got {self.swap_prefetch}")
         if self.swap_timeout_s <= 0:
@@ -86,9 +91,10 @@ class MemorySettings:
                              "use fp8 storage with block swapping, or nf4 without it")
 
     def resolved(self, device: torch.device, resolution: int, flux1: bool = True,
-                 processes: int = 1, paired: bool = False) -> "MemorySettings":
+                 processes: int = 1, paired: bool = False, adapter: str = "lora") -> "MemorySettings":
         """These settings with `auto` storage and matmuls made concrete for a run on `device` at `data.resolution`,
-        and `paired_blocks_to_swap` in `blocks_to_swap`'s place when the run trains on control images (`paired`).
+        and `paired_blocks_to_swap` in `blocks_to_swap`'s place when the run trains on control images (`paired`),
+        `loha_blocks_to_swap` when it trains LoHa (`adapter`).
 
         fp8 storage multiplied on the fp8 tensor cores where that was measured to pay: a Hopper GPU, no memory
         budget (the tiers set their own storage; fp8 matmuls under block swapping were not measured), FLUX.1 (not
@@ -110,16 +116,22 @@ class MemorySettings:
         if (self.base_storage == "auto" and storage == "fp8") or (self.fp8_matmul == "auto" and matmul):  # pays
             log.info("memory: base weights in fp8%s (auto: %s, no memory budget, data.resolution %d)",
                      ", multiplied in fp8" if matmul else "", torch.cuda.get_device_name(device), resolution)
-        swap = self.blocks_to_swap
-        if paired and self.paired_blocks_to_swap is not None:
-            swap = self.paired_blocks_to_swap
-            if swap and storage == "nf4":  # blocks_to_swap with nf4 is refused in __post_init__
-                raise ValueError("memory.paired_blocks_to_swap with memory.base_storage=nf4 is not supported: use "
-                                 "fp8 storage with block swapping, or nf4 without it")
-            if swap != self.blocks_to_swap:
-                log.info("memory: %d blocks swapped, not %d (memory.paired_blocks_to_swap: control images double the "
-                         "image sequence)", swap, self.blocks_to_swap)
-        return replace(self, base_storage=storage, fp8_matmul=matmul, blocks_to_swap=swap, paired_blocks_to_swap=None)
+        # a count for this kind of run replaces blocks_to_swap (it may be smaller: Kontext at 512 px fits 4); when both
+        # apply (a LoHa on Kontext, not measured), the larger
+        own = [(key, count, reason) for key, count, applies, reason in (
+            ("paired_blocks_to_swap", self.paired_blocks_to_swap, paired, "control images double the image sequence"),
+            ("loha_blocks_to_swap", self.loha_blocks_to_swap, adapter == "loha",
+             "LoHa trains twice LoRA's parameters at one rank")) if applies and count is not None]
+        for key, count, _ in own:
+            if count and storage == "nf4":  # blocks_to_swap with nf4 is refused in __post_init__
+                raise ValueError(f"memory.{key} with memory.base_storage=nf4 is not supported: use fp8 storage with "
+                                 "block swapping, or nf4 without it")
+        swap = max(count for _, count, _ in own) if own else self.blocks_to_swap
+        if swap != self.blocks_to_swap:
+            log.info("memory: %d blocks swapped, not %d (%s)", swap, self.blocks_to_swap,
+                     "; ".join(f"memory.{key}: {reason}" for key, count, reason in own if count == swap))
+        return replace(self, base_storage=storage, fp8_matmul=matmul, blocks_to_swap=swap, paired_blocks_to_swap=None,
+                       loha_blocks_to_swap=None)
 
     def load_device(self, device: torch.device) -> torch.device:
         """Where the transformer is read to: the host when only part of it may go to the GPU (swap) or when it is

@@ -124,7 +124,7 @@ def device_for(cfg: DictConfig) -> torch.device:
 def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
     """`run` with what depends on the device made concrete: `memory.base_storage` / `memory.fp8_matmul: auto`
     (`MemorySettings.resolved`), from the device and the bucket area `data.resolution` asks for, and the blocks
-    swapped for a Kontext run (`memory.paired_blocks_to_swap`)."""
+    swapped for a Kontext run (`memory.paired_blocks_to_swap`) or a LoHa (`memory.loha_blocks_to_swap`)."""
     from fluxlora.data.settings import parse_resolution
 
     w, h = parse_resolution(cfg.data.get("resolution", 512), "data")
@@ -132,7 +132,8 @@ def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
     devices, nodes = requested_processes(cfg, device)
     try:
         return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1, devices * nodes,
-                                                       paired=cfg.model.get("variant") == "kontext"))
+                                                       paired=cfg.model.get("variant") == "kontext",
+                                                       adapter=str(cfg.lora.get("type", "lora"))))
     except ValueError as e:
         raise FluxLoraError(str(e)) from None
 
@@ -173,7 +174,8 @@ def _check_block_groups(cfg: DictConfig, speed: SpeedSettings | None, memory: Me
                             "its blocks gets a modulation of its own); set speed.blocks_per_graph=1")
     memory = memory or MemorySettings()
     try:  # before loading, whether or not this device swaps and compiles: the settings cannot work together
-        check_block_groups(speed, swapping=bool(memory.blocks_to_swap or memory.paired_blocks_to_swap),
+        check_block_groups(speed, swapping=bool(memory.blocks_to_swap or memory.paired_blocks_to_swap
+                                                   or memory.loha_blocks_to_swap),
                            checkpointing=memory.gradient_checkpointing)
     except ValueError as e:
         raise FluxLoraError(str(e)) from None
