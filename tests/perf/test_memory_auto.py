@@ -80,49 +80,39 @@ def test_the_shipped_config_resolves_per_run(make_cfg, gpu, monkeypatch):
         for_device(check_config(bad), bad, torch.device("cpu"))
 
 
-def test_a_kontext_run_swaps_the_paired_count(make_cfg, caplog):
-    """Control tokens double Kontext's image sequence: 16gb with 4 swapped ran out of memory at 1024 px on the H200,
-    with 12 it finished (README "FLUX.1 Kontext"); the other presets keep the tier's count."""
+@pytest.mark.parametrize("run, key, reason", [
+    (["model=tiny-kontext"], "paired_blocks_to_swap", "control images double"),
+    (["lora.type=loha"], "loha_blocks_to_swap", "LoHa trains twice"),
+])
+def test_a_kontext_or_loha_run_swaps_its_own_count(make_cfg, caplog, run, key, reason):
+    """16gb with 4 blocks swapped ran out of memory at 1024 px on the H200 for Kontext (control tokens double the image
+    sequence) and for LoHa (twice LoRA's parameters at one rank); with 12 both finished (README "FLUX.1 Kontext",
+    "Adapter types"). Other runs keep the tier's count; the key set to null keeps it too."""
     cpu = torch.device("cpu")
-    kontext = make_cfg("model=tiny-kontext", "+vram=16gb")
+    cfg = make_cfg(*run, "+vram=16gb")
     with caplog.at_level("INFO", logger="fluxlora.perf.memory"):
-        memory = for_device(check_config(kontext), kontext, cpu).memory
-    assert (memory.blocks_to_swap, memory.paired_blocks_to_swap) == (12, None)
-    assert "12 blocks swapped, not 4 (memory.paired_blocks_to_swap" in caplog.text
-    dev = make_cfg("+vram=16gb")
-    assert for_device(check_config(dev), dev, cpu).memory.blocks_to_swap == 4
-    own = make_cfg("model=tiny-kontext", "+vram=16gb", "memory.paired_blocks_to_swap=null")
+        memory = for_device(check_config(cfg), cfg, cpu).memory
+    assert (memory.blocks_to_swap, getattr(memory, key)) == (12, None)
+    assert f"12 blocks swapped, not 4 (memory.{key}: {reason}" in caplog.text
+    own = make_cfg(*run, "+vram=16gb", f"memory.{key}=null")
     assert for_device(check_config(own), own, cpu).memory.blocks_to_swap == 4
-    assert MemorySettings(blocks_to_swap=2, paired_blocks_to_swap=6).resolved(cpu, 512, paired=True).blocks_to_swap == 6
-    with pytest.raises(ValueError, match="paired_blocks_to_swap must be >= 0 or null"):
-        MemorySettings(paired_blocks_to_swap=-1)
-    with pytest.raises(ValueError, match="paired_blocks_to_swap with memory.base_storage=nf4"):
-        MemorySettings(base_storage="nf4", paired_blocks_to_swap=4).resolved(cpu, 512, paired=True)
+    with pytest.raises(ValueError, match=f"{key} must be >= 0 or null"):
+        MemorySettings(**{key: -1})
+    with pytest.raises(ValueError, match=f"{key} with memory.base_storage=nf4"):
+        MemorySettings(base_storage="nf4", **{key: 4}).resolved(cpu, 512, paired=True, adapter="loha")
 
 
-def test_a_loha_run_swaps_the_loha_count(make_cfg, caplog):
-    """LoHa trains twice LoRA's parameters at one rank: 16gb with 4 swapped ran out of memory at 1024 px on the H200,
-    with 12 it finished at 14.56 of 14.94 GiB (README "Adapter types"); the other adapters keep the tier's count, and
-    with Kontext's count too the larger wins."""
+def test_the_other_runs_keep_the_tier_count_and_both_counts_take_the_larger(make_cfg):
     cpu = torch.device("cpu")
-    loha = make_cfg("+vram=16gb", "lora.type=loha")
-    with caplog.at_level("INFO", logger="fluxlora.perf.memory"):
-        memory = for_device(check_config(loha), loha, cpu).memory
-    assert (memory.blocks_to_swap, memory.loha_blocks_to_swap) == (12, None)
-    assert "12 blocks swapped, not 4 (memory.loha_blocks_to_swap: LoHa trains twice" in caplog.text
-    for other in ("lora", "dora", "lokr"):
-        cfg = make_cfg("+vram=16gb", f"lora.type={other}")
-        assert for_device(check_config(cfg), cfg, cpu).memory.blocks_to_swap == 4, other
-    own = make_cfg("+vram=16gb", "lora.type=loha", "memory.loha_blocks_to_swap=null")
-    assert for_device(check_config(own), own, cpu).memory.blocks_to_swap == 4
+    for adapter in ("lora", "dora", "lokr"):
+        cfg = make_cfg("+vram=16gb", f"lora.type={adapter}")
+        assert for_device(check_config(cfg), cfg, cpu).memory.blocks_to_swap == 4, adapter
     both = MemorySettings(blocks_to_swap=2, paired_blocks_to_swap=6, loha_blocks_to_swap=9)
     assert both.resolved(cpu, 512, paired=True, adapter="loha").blocks_to_swap == 9
     assert both.resolved(cpu, 512, paired=True, adapter="lora").blocks_to_swap == 6
+    assert both.resolved(cpu, 512, adapter="loha").blocks_to_swap == 9
     assert both.resolved(cpu, 512, adapter="lora").blocks_to_swap == 2
-    with pytest.raises(ValueError, match="loha_blocks_to_swap must be >= 0 or null"):
-        MemorySettings(loha_blocks_to_swap=-1)
-    with pytest.raises(ValueError, match="loha_blocks_to_swap with memory.base_storage=nf4"):
-        MemorySettings(base_storage="nf4", loha_blocks_to_swap=4).resolved(cpu, 512, adapter="loha")
+    assert MemorySettings(blocks_to_swap=8, paired_blocks_to_swap=4).resolved(cpu, 512, paired=True).blocks_to_swap == 4
 
 
 def test_a_kontext_run_over_nf4_with_the_paired_swap_ends_in_one_line_before_loading(make_cfg):
