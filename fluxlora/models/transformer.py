@@ -29,6 +29,13 @@ def _dtype_plan(model: torch.nn.Module, dtype: torch.dtype, storage: str) -> Cal
     return lambda name: torch.float8_e4m3fn if name in fp8 else dtype
 
 
+def _own(kept: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """`kept` in memory of its own: a tensor kept as read (a bias, a norm) is a view of safetensors' mapping of the
+    whole file, and would keep that mapping, with every page read through it, in the process's RSS."""
+    same = kept.device.type == "cpu" and kept.untyped_storage().data_ptr() == read.untyped_storage().data_ptr()
+    return kept.clone() if same else kept
+
+
 def inspect_transformer(source: Path) -> dict:
     """The diffusers config of the transformer at `source` (file or folder), from headers only: fast, fails early."""
     source = Path(source)
@@ -75,7 +82,7 @@ def read_transformer(source: str | Path, model_cls: type, inspect_file: Callable
             model = meta_model(lambda: model_cls(**config))
             plan = _dtype_plan(model, dtype, storage)
             for f in files:
-                state.update((k, t.to(plan(k))) for k, t in read_tensors(f, read_header(f).shapes, device))
+                state.update((k, _own(t.to(plan(k)), t)) for k, t in read_tensors(f, read_header(f).shapes, device))
         else:
             layout = inspect_file(read_header(source))
             log.info("%s: %s, %d double + %d single blocks, stored as %s", source.name, layout.variant,
@@ -84,6 +91,6 @@ def read_transformer(source: str | Path, model_cls: type, inspect_file: Callable
             plan = _dtype_plan(model, dtype, storage)
             for key, t in read_tensors(source, layout.keys, device):
                 for name, part in convert(key[len(layout.prefix):], t, layout.hidden):
-                    state[name] = part.to(plan(name))
+                    state[name] = _own(part.to(plan(name)), t)
                 del t
         return assign_state(model, state, source, what, device)

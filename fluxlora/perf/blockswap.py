@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fluxlora.perf.checkpointing import block_checkpoint_func, inside_checkpoint, transformer_blocks
+from fluxlora.perf.release import release_free_heap
 from fluxlora.errors import StageTimeoutError
 from fluxlora.perf.swap_schedule import Plan, SwapSchedule
 from fluxlora.perf.swap_transfer import HostTransfers, Transfer
@@ -116,7 +117,10 @@ class BlockSwapper:
         self._params: dict[int, dict[str, torch.nn.Parameter]] = {}
         self._ctx: list[tuple[int, Any]] = []
         self._end_queued = False
-        self.swapped = {pos: self._take(pos) for pos in self.schedule.swapped}
+        self.swapped = {}
+        for pos in self.schedule.swapped:
+            self.swapped[pos] = self._take(pos)
+            release_free_heap()  # the originals just freed: glibc keeps those under its mmap threshold in its heap
         self._hooks = []
         for pos, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(partial(self._pre_hook, pos)))
