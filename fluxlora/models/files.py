@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from fluxlora.errors import FluxLoraError
-
 from fluxlora.perf.release import release_free_heap
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -40,10 +43,19 @@ def release_free_heap() -> None:
     allocations under its mmap threshold (which grows up to 32 MiB as large blocks are freed) from its heap and keeps
     them once freed: on the CPU, with a full-size random FLUX.1-dev file, ~1.9 GiB after reading it to fp8 and ~2.3 GB
     of the swapped blocks' originals after `BlockSwapper` took their copies."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, looked up once: `ctypes.util.find_library` runs `ldconfig` (~2 ms a call here), and a
+    model read calls `release_free_heap` every 256 MiB and once per swapped block."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
