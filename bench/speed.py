@@ -8,6 +8,7 @@ input gradients only) and, with --ref, the ratio to bench/ref_diffusers_step.py 
     python bench/speed.py --res 512 1024 --batch 1 2 4 --compile 1 --cudagraphs 0 1 --ref
     python bench/speed.py --res 512 1024 --compile 1 --cudagraphs 1 --storage fp8 --fp8-matmul 0 1 --ref
     python bench/speed.py --res 512 1024 --compile 1 --cudagraphs 1 --attention default cudnn --ref
+    python bench/speed.py --res 512 --compile 1 --cudagraphs 1 --attention cudnn --graph-scope blocks step --ref
 
 Our step uses the run's own settings: `memory.gradient_checkpointing` (`--gc on`; recomputed inside the compiled
 blocks unless `--recompute torch`), `speed.cuda_graphs` (`--cudagraphs 1`), and the optimizer from
@@ -170,7 +171,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
              cuda_graphs: bool = False, recompute: str = "auto", foreach: bool = False, storage: str = "none",
              fp8_matmul: bool = False, skip_module_guards: bool = False, attention: str = "default",
              profile_step: int = -1, keep_cache_in_capture: bool = False, indexed_recording: bool = True,
-             blocks_per_graph: int = 1) -> dict:
+             blocks_per_graph: int = 1, graph_scope: str = "auto", dynamic: bool = False) -> dict:
     import lightning as L
     from omegaconf import OmegaConf
     from torch._dynamo.utils import counters
@@ -182,6 +183,7 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
     from fluxlora.training.module import FluxLoRAModule
     from fluxlora.perf.speed import SpeedSettings, apply_speed_settings
     from fluxlora.perf.state import PerfState
+    from fluxlora.perf.step_graph import StepGraphs
 
     flops = fwd_flops(transformer, res, batch)  # before fit: Lightning moves the module to the CPU at teardown
     torch._dynamo.reset()
@@ -199,10 +201,12 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
         transformer, SpeedSettings(compile_blocks=bool(compile_blocks), cuda_graphs=cuda_graphs,
                                    compile_scope="model" if compile_blocks == 2 else "blocks",
                                    recompute_in_graph=recompute == "auto", attention=attention,
-                                   blocks_per_graph=blocks_per_graph,
+                                   blocks_per_graph=blocks_per_graph, graph_scope=graph_scope,
+                                   dynamic_shapes=dynamic,
                                    compile_options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
                                    if skip_module_guards else None), perf.checkpoint_every, device="cuda")
     perf.cuda_graphs = decided.cuda_graphs
+    perf.step_graphs = StepGraphs() if decided.step_graphs else None
     if not indexed_recording:  # torch's own alias lookups while graphs record (fluxlora.perf.graph_recording)
         from fluxlora.perf.graph_recording import restore_graph_recording
 
@@ -228,7 +232,9 @@ def run_ours(transformer, res: int, batch: int, gc: bool, compile_blocks: int, p
             torch._C._host_emptyCache = host
     dt = (timer.t1 - timer.t0) / steps
     out = dict(who="fluxlora", res=res, batch=batch, gc=gc, compile=compile_blocks, precision=precision,
-               check_finite=check_finite, cuda_graphs=decided.cuda_graphs,
+               check_finite=check_finite, cuda_graphs=decided.cuda_graphs, graph_scope=graph_scope, dynamic_shapes=dynamic,
+               step_graphs=decided.step_graphs,
+               step_graphs_captured=perf.step_graphs.captured if perf.step_graphs else 0,
                recompute=recompute_kind(transformer),
                optimizer="foreach" if foreach else "fused", storage=storage, fp8_matmul=fp8_matmul, attention=attention,
                skip_module_guards=skip_module_guards,
@@ -285,6 +291,9 @@ def main() -> None:
                     help="0: torch's own alias lookups while CUDA graphs record (fluxlora.perf.graph_recording)")
     ap.add_argument("--blocks-per-graph", type=int, nargs="+", default=[1],
                     help="speed.blocks_per_graph: consecutive blocks per compiled region (fluxlora.perf.block_groups)")
+    ap.add_argument("--graph-scope", nargs="+", default=["auto"], choices=["auto", "step", "blocks"],
+                    help="speed.graph_scope with --cudagraphs 1: the whole step as one CUDA graph, or one per block")
+    ap.add_argument("--dynamic", type=int, nargs="+", default=[0], help="speed.dynamic_shapes (symbolic sizes)")
     ap.add_argument("--ref", action="store_true", help="also run bench/ref_diffusers_step.py's step in this process")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -314,20 +323,24 @@ def main() -> None:
         cells = [tuple(int(v) for v in p.split("x")) for p in args.pairs]
     for res, batch in cells:
         for gc in args.gc:
-            for comp, graphs, mm, att, keep, idx, bpg in [
-                    (c, g, m, a, k, i, n) for c in args.compile for g in args.cudagraphs for m in args.fp8_matmul
-                    for a in args.attention for k in args.keep_cache_in_capture for i in args.indexed_recording
-                    for n in args.blocks_per_graph if (c or not g) and (args.storage == "fp8" or not m)]:
+            for comp, graphs, mm, att, keep, idx, bpg, scope, dyn in [
+                    (c, g, m, a, k, i, n, sc, dy) for c in args.compile for g in args.cudagraphs
+                    for m in args.fp8_matmul for a in args.attention for k in args.keep_cache_in_capture
+                    for i in args.indexed_recording for n in args.blocks_per_graph for sc in args.graph_scope
+                    for dy in args.dynamic
+                    if (c or not g) and (args.storage == "fp8" or not m)]:
                 transformer = build_transformer(args.layers)
                 try:
                     d = run_ours(transformer, res, batch, gc == "on", comp, args.precision, args.steps,
                                  args.warm, peak, args.workers, not args.no_finite_check, args.profile,
                                  bool(graphs), args.recompute, args.foreach, args.storage, bool(mm),
-                                 args.skip_module_guards, att, args.profile_step, bool(keep), bool(idx), bpg)
+                                 args.skip_module_guards, att, args.profile_step, bool(keep), bool(idx), bpg, scope,
+                                 bool(dyn))
                 except Exception as e:  # an OOM or a failed setting ends its row, not the table
                     traceback.print_exc()
                     d = dict(who="fluxlora", res=res, batch=batch, gc=gc == "on", compile=comp,
-                             cuda_graphs=bool(graphs), storage=args.storage, fp8_matmul=bool(mm), attention=att,
+                             cuda_graphs=bool(graphs), graph_scope=scope, storage=args.storage,
+                             fp8_matmul=bool(mm), attention=att, dynamic_shapes=bool(dyn),
                              error=f"{type(e).__name__}: {str(e)[:300]}")
                 for r in results:
                     same = r["who"] == "diffusers-ref" and r["res"] == res and r["gc"] == (gc == "on")

@@ -24,6 +24,9 @@ RECOMPILE_LIMIT = 64
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 """torch.compile modes that replay CUDA graphs (Inductor's cudagraph trees)."""
 
+GRAPH_SCOPES = ("auto", "step", "blocks")
+"""`speed.graph_scope` values."""
+
 
 @dataclass
 class SpeedSettings:
@@ -51,6 +54,13 @@ class SpeedSettings:
     `reduce-overhead` mode does): removes the host's per-kernel launch time, which bounds a Flux step at 512 px.
     Needs compiled blocks on CUDA, no block swapping (swapped weights get new addresses every step) and no
     torch.utils.checkpoint (checkpointing recomputes in the graph instead). `auto`: wherever it applies."""
+    graph_scope: str = "auto"
+    """What one CUDA graph spans when `cuda_graphs` is on. `step`: the whole training step (forward, loss and
+    backward) as one graph per step shape, captured on that shape's second step (`fluxlora.perf.step_graph`): one
+    launch per step instead of one per block, and a capture in about a step's time instead of Inductor's per-block
+    recording. `blocks`: each compiled block's forward and backward (Inductor's cudagraph trees). `auto`: step for
+    FLUX.1 and Kontext in one process; blocks for Chroma (its step reads the captions' length back to the host,
+    `chroma.cut_padding`), under DDP, and with a `compile_mode` that records graphs itself."""
     compile_cache: str | None = "~/.cache/fluxlora/compile"
     """Inductor's cache folder (`TORCHINDUCTOR_CACHE_DIR`: compiled graphs and Triton kernels), so that a resumed run,
     or a second run with the same bucket shapes, loads its graphs instead of compiling them: on the H200 the first
@@ -59,10 +69,9 @@ class SpeedSettings:
     set wins; None = torch's default."""
     dynamic_shapes: bool = False
     """`false`: each token count (bucket size) compiles graphs of its own, with the sizes fixed in its kernels.
-    `true`: torch.compile's automatic dynamic shapes: the second token count compiles one graph with a symbolic
-    sequence length, which then serves every later one without compiling. For datasets of many bucket sizes:
-    on the CPU (tiny Flux, five token counts, cold cache) 4 graphs and 103 s of compiling instead of 10 and 181 s.
-    Its kernels' speed on a GPU is not measured yet, so it is off by default."""
+    `true`: the blocks' inputs have symbolic batch and token counts from the first call, so one compiled graph per
+    block kind serves every bucket size (`_sizes_dynamic`). Its kernels' speed on a GPU is not measured yet, so it
+    is off by default."""
     blocks_per_graph: int = 1
     """With `compile_scope=blocks`: up to this many consecutive blocks of a kind form one compiled region
     (`fluxlora.perf.block_groups`), dividing the per-region host time (graph launches, guards, wrappers: ~46 ms of a
@@ -84,6 +93,8 @@ class SpeedSettings:
 
         if self.attention not in ATTENTION:
             raise ValueError(f"speed.attention={self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.graph_scope not in GRAPH_SCOPES:
+            raise ValueError(f"speed.graph_scope={self.graph_scope!r} is not one of {', '.join(GRAPH_SCOPES)}")
         if self.compile_scope not in ("blocks", "model"):
             raise ValueError(f"speed.compile_scope={self.compile_scope!r} is not one of blocks, model")
         if isinstance(self.blocks_per_graph, bool) or not isinstance(self.blocks_per_graph, int) \
@@ -112,15 +123,20 @@ class SpeedPlan:
     compile: bool
     recompute_in_graph: bool
     cuda_graphs: bool
+    """The compiled blocks replay CUDA graphs of their own (Inductor's cudagraph trees)."""
+    step_graphs: bool = False
+    """The training step is captured as one CUDA graph per shape (`speed.graph_scope=step`)."""
 
 
 def plan(settings: SpeedSettings, device: torch.device | str | None = None, base_storage: str = "none",
-         swapping: bool = False, checkpoint_every: int = 0, processes: int = 1, budgeted: bool = False) -> SpeedPlan:
+         swapping: bool = False, checkpoint_every: int = 0, processes: int = 1, budgeted: bool = False,
+         chroma: bool = False) -> SpeedPlan:
     """Resolve `auto` and refuse combinations that cannot work, with the setting to change in the message.
 
     `checkpoint_every`: `memory.checkpoint_every` when gradient checkpointing is on, else 0. `processes`: ranks of
     the run (`auto` leaves CUDA graphs off under DDP, where they were not measured; `true` still turns them on).
-    `budgeted`: a memory budget caps the run (`memory.budget_gb`); `auto` then leaves CUDA graphs off.
+    `budgeted`: a memory budget caps the run (`memory.budget_gb`); `auto` then leaves CUDA graphs off. `chroma`: the
+    transformer is Chroma's (no step graph: its step reads back to the host).
     """
     compile_ = settings.compiles(device, base_storage)
     if swapping and compile_ and settings.compile_scope == "model":
@@ -150,7 +166,21 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
     # (A "3.3 GiB outside the allocator" read at the time was nvidia-smi's second entry, which is not held beside
     # the first: README "VRAM tiers".)
     graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1 and not budgeted)
-    return SpeedPlan(compile_, in_graph, graphs)
+    step = graphs and step_scope(settings, processes, chroma)
+    return SpeedPlan(compile_, in_graph, graphs and not step, step)
+
+
+def step_scope(settings: SpeedSettings, processes: int, chroma: bool) -> bool:
+    """Whether CUDA graphs span the whole step (`speed.graph_scope`); `step` where it cannot is refused, naming why."""
+    blockers = [why for bad, why in (
+        (chroma, "FLUX.1 or Kontext (Chroma's step reads its captions' length back to the host)"),
+        (processes > 1, "one process (DDP's gradient all-reduce is not captured)"),
+        (settings.compile_mode in CUDA_GRAPH_MODES, f"no speed.compile_mode={settings.compile_mode} (it records "
+                                                    "graphs of its own per block)"))
+        if bad]
+    if settings.graph_scope == "step" and blockers:
+        raise ValueError(f"speed.graph_scope=step needs {', '.join(blockers)}; use speed.graph_scope=blocks")
+    return settings.graph_scope == "step" or (settings.graph_scope == "auto" and not blockers)
 
 
 def use_compile_cache(folder: str | None) -> str:
@@ -214,6 +244,29 @@ def _with_activation_budget(fn, budget: float):
     return call
 
 
+def _sizes_dynamic(fn):
+    """`fn` with every dimension of its tensor inputs but the last (batch and token counts; the last is a feature
+    width) marked dynamic before each call, so that its first compile already serves every bucket size. Left to
+    torch's automatic dynamic shapes, the first size compiles a graph of fixed sizes and the second compiles again
+    with symbolic ones, in every run: two compiles per block kind, cold or warm, instead of one."""
+
+    def mark(value) -> None:
+        if isinstance(value, torch.Tensor):
+            for dim in range(value.dim() - 1):
+                torch._dynamo.maybe_mark_dynamic(value, dim)
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                mark(v)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        mark(args)
+        mark(tuple(kwargs.values()))
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, options: dict | None = None,
                    activation_budget: float | None = None, dynamic: bool = False, blocks_per_graph: int = 1) -> int:
     """Compile every double and single block's `forward` in place; returns how many regions were compiled.
@@ -236,7 +289,8 @@ def compile_blocks(transformer: torch.nn.Module, mode: str | None = None, option
         # a copy each: torch.compile pops keys (guard_filter_fn) from the dict it is given
         fn = torch.compile(forward, mode=mode, options=None if options is None else dict(options),
                            dynamic=None if dynamic else False)
-        return fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
+        fn = fn if activation_budget is None else _with_activation_budget(fn, activation_budget)
+        return _sizes_dynamic(fn) if dynamic else fn
 
     if blocks_per_graph > 1:
         n = group_blocks(transformer, blocks_per_graph, compiled)
@@ -283,8 +337,8 @@ def eager_blocks(module: torch.nn.Module) -> Iterator[None]:
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, checkpoint_every: int = 0,
                          swapping: bool = False, device: torch.device | str | None = None, base_storage: str = "none",
                          processes: int = 1, budgeted: bool = False) -> SpeedPlan:
-    """Apply the settings for a run on `device`; returns what was decided (`cuda_graphs`: the caller records it in
-    `PerfState.cuda_graphs`, which the training step reads).
+    """Apply the settings for a run on `device`; returns what was decided (`cuda_graphs`, `step_graphs`: the caller
+    records them in `PerfState`, which the training step reads).
 
     `checkpoint_every`: the interval `apply_memory_settings` applied (0 = no checkpointing); checkpointing must
     already be applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled
@@ -296,7 +350,10 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
 
     # before compiling: the processor is traced into the blocks
     use_attention(transformer, settings.attention, device, checkpointing=bool(checkpoint_every), swapping=swapping)
-    decided = plan(settings, device, base_storage, swapping, checkpoint_every, processes, budgeted)
+    from fluxlora.models.chroma import is_chroma
+
+    decided = plan(settings, device, base_storage, swapping, checkpoint_every, processes, budgeted,
+                   is_chroma(transformer))
     if not decided.compile:
         return decided
     use_compile_cache(settings.compile_cache)
@@ -320,4 +377,6 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
         indexed = index_graph_recording()
         log.info("compiled blocks replay CUDA graphs (recorded once per shape%s)",
                  ", with indexed alias lookups" if indexed else "")
+    if decided.step_graphs:
+        log.info("each training step replays one CUDA graph (captured on the second step of each shape)")
     return decided

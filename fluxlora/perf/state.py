@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from fluxlora.perf.blockswap import BlockSwapper
+    from fluxlora.perf.step_graph import StepGraphs
 
 
 @dataclass
@@ -22,6 +23,9 @@ class PerfState:
     cuda_graphs: bool = False
     """Whether `apply_speed_settings` made the compiled blocks replay CUDA graphs. The module reads it: each step
     then marks its start, and gradients are kept in memory of their own."""
+    step_graphs: StepGraphs | None = None
+    """The step's CUDA graphs when the whole training step is captured (`speed.graph_scope=step`), else None. The
+    module runs each step through it."""
 
     @property
     def swapping(self) -> bool:

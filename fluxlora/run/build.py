@@ -22,6 +22,7 @@ from fluxlora.models.components import resolve_dtype
 from fluxlora.perf.memory import apply_memory_settings, enable_block_swap
 from fluxlora.perf.speed import apply_speed_settings
 from fluxlora.perf.state import PerfState
+from fluxlora.perf.step_graph import StepGraphs
 from fluxlora.run.loggers import run_loggers
 from fluxlora.run.resume import CheckpointLayout, base_model
 from fluxlora.run.settings import RunSettings, check_config, for_device
@@ -166,12 +167,13 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
     perf.swapper = enable_block_swap(transformer, memory, device, heartbeat=heartbeat)
     try:
         devices, nodes = requested_processes(cfg, device)
-        perf.cuda_graphs = apply_speed_settings(
+        decided = apply_speed_settings(
             transformer, run.speed, perf.checkpoint_every, swapping=perf.swapping, device=device,
-            base_storage=memory.base_storage, processes=devices * nodes,
-            budgeted=memory.budget_gb is not None).cuda_graphs
+            base_storage=memory.base_storage, processes=devices * nodes, budgeted=memory.budget_gb is not None)
     except ValueError as e:
         raise FluxLoraError(str(e)) from e
+    perf.cuda_graphs = decided.cuda_graphs
+    perf.step_graphs = StepGraphs() if decided.step_graphs else None
     return module, perf.swapper
 
 

@@ -21,7 +21,7 @@ from fluxlora.perf.memory import MemorySettings
 from fluxlora.models.components import resolve_dtype
 from fluxlora.training.optim import OptimSettings, check_optim
 from fluxlora.training.settings import NONFINITE, TrainSettings
-from fluxlora.perf.speed import SpeedSettings, check_block_groups
+from fluxlora.perf.speed import SpeedSettings, check_block_groups, step_scope
 from fluxlora.training.validation import ValidationSettings
 
 
@@ -124,13 +124,15 @@ def device_for(cfg: DictConfig) -> torch.device:
 def for_device(run: RunSettings, cfg: DictConfig, device: Any) -> RunSettings:
     """`run` with what depends on the device made concrete: `memory.base_storage` / `memory.fp8_matmul: auto`
     (`MemorySettings.resolved`), from the device and the bucket area `data.resolution` asks for, and the blocks
-    swapped for a Kontext run (`memory.paired_blocks_to_swap`) or a LoHa (`memory.loha_blocks_to_swap`)."""
+    swapped for a Kontext run (`memory.paired_blocks_to_swap`) or a LoHa (`memory.loha_blocks_to_swap`). A
+    `speed.graph_scope=step` that cannot be (Chroma, several processes) is refused here, before loading."""
     from fluxlora.data.settings import parse_resolution
 
     w, h = parse_resolution(cfg.data.get("resolution", 512), "data")
     flux1 = _flux1(cfg)
     devices, nodes = requested_processes(cfg, device)
     try:
+        step_scope(run.speed, devices * nodes, chroma=not flux1)  # speed.graph_scope=step where it cannot be
         return replace(run, memory=run.memory.resolved(device, int(round((w * h) ** 0.5)), flux1, devices * nodes,
                                                        paired=cfg.model.get("variant") == "kontext",
                                                        adapter=str(cfg.lora.get("type", "lora"))))

@@ -27,9 +27,20 @@ def control_ids(height: int, width: int, device=None, dtype=None) -> torch.Tenso
 def append_control(tokens: torch.Tensor, ids: torch.Tensor, control: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy target tokens + control tokens, their ids): `control` is the (B, C, h, w) clean control latent, which
     may have another size than the target's (a control kept at its own resolution)."""
-    h, w = control.shape[-2:]
+    return append_control_tokens(tokens, control), ids_with_control(ids, control)
+
+
+def append_control_tokens(tokens: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """The noisy target tokens followed by the packed clean control latent: device work only."""
     packed = fm.pack_latents(control.to(tokens.device, torch.float32)).to(tokens.dtype)
-    return torch.cat([tokens, packed], dim=1), torch.cat([ids, control_ids(h, w, ids.device, ids.dtype)], dim=0)
+    return torch.cat([tokens, packed], dim=1)
+
+
+def ids_with_control(ids: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+    """The target's position ids followed by those of the control latent's tokens (built on the host, then moved:
+    made before a step that a CUDA graph captures)."""
+    h, w = control.shape[-2:]
+    return torch.cat([ids, control_ids(h, w, ids.device, ids.dtype)], dim=0)
 
 
 def target_part(pred: torch.Tensor, target_tokens: int) -> torch.Tensor:

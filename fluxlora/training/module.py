@@ -23,6 +23,7 @@ from fluxlora.lora.inject import LoraSettings, lora_parameters
 from fluxlora.training.optim import build_optimizer, build_scheduler
 from fluxlora.training.settings import NONFINITE
 from fluxlora.perf.state import PerfState
+from fluxlora.perf.step_graph import StepGraphs
 
 log = logging.getLogger(__name__)
 
@@ -91,33 +92,50 @@ class FluxLoRAModule(L.LightningModule):
         Training draws `noise` (packed, like the latents) and `sigma` (one per sample) from the global RNG; the
         validation loss passes fixed ones (`fluxlora.training.validation`) and draws nothing.
         """
+        return self.loss_from(self.step_inputs(batch, sigma), noise)
+
+    def step_inputs(self, batch: dict, sigma: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The device tensors a step of `batch` reads. What is drawn or built on the host (σ, from the CPU generator;
+        the position ids) is made here, so that `loss_from` only launches device work, which a CUDA graph captures
+        (`fluxlora.perf.step_graph`)."""
+        if self.arch == "chroma" and "control" in batch:
+            raise FluxLoraError("control images (a Kontext dataset) cannot train Chroma: use model=flux-kontext")
         latents = batch["latents"].to(self.device, torch.float32)
+        b, _, h, w = latents.shape
+        if sigma is None:
+            sigma = fm.sample_sigmas(self.flow, b, (h // 2) * (w // 2), device=self.device)
+        inputs = {"latents": latents, "sigma": sigma.to(self.device),
+                  "t5": batch["t5"].to(self.device, self.compute_dtype)}
+        if self.arch == "chroma":  # T5 mask applied, no pooled CLIP, no guidance (fluxlora.models.chroma)
+            inputs["t5_mask"] = batch["t5_mask"]
+            return inputs
+        inputs["pooled"] = batch["pooled"].to(self.device, self.compute_dtype)
+        inputs["img_ids"] = fm.image_ids(h, w, device=self.device, dtype=self.compute_dtype)
+        if "control" in batch:  # FLUX.1 Kontext: the clean control tokens ride after the noisy target's
+            inputs["control"] = batch["control"].to(self.device)
+            inputs["img_ids"] = kontext.ids_with_control(inputs["img_ids"], inputs["control"])
+        return inputs
+
+    def loss_from(self, inputs: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of `step_inputs`' tensors; draws the noise on the device unless given."""
+        latents, sigma, t5 = inputs["latents"], inputs["sigma"], inputs["t5"]
         b, _, h, w = latents.shape
         x0 = fm.pack_latents(latents)
         noise = torch.randn_like(x0) if noise is None else noise.to(x0)
-        if sigma is None:
-            sigma = fm.sample_sigmas(self.flow, b, x0.shape[1], device=self.device)
-        else:
-            sigma = sigma.to(self.device)
         xt = fm.noise_latents(x0, noise, sigma).to(self.compute_dtype)
-        t5 = batch["t5"].to(self.device, self.compute_dtype)
-        if self.arch == "chroma" and "control" in batch:
-            raise FluxLoraError("control images (a Kontext dataset) cannot train Chroma: use model=flux-kontext")
-        if self.arch == "chroma":  # T5 mask applied, no pooled CLIP, no guidance (fluxlora.models.chroma)
+        if self.arch == "chroma":
             from fluxlora.models.chroma import predict
 
-            pred = predict(self.transformer, xt, t5, batch["t5_mask"], sigma, h, w, self.compute_dtype)
+            pred = predict(self.transformer, xt, t5, inputs["t5_mask"], sigma, h, w, self.compute_dtype)
             return fm.flow_loss(pred, noise - x0, self.flow.loss, self.flow.huber_c)
         guidance = torch.full((b,), self.flow.guidance_scale, device=self.device) if self.has_guidance else None
-        tokens, ids = xt, fm.image_ids(h, w, device=self.device, dtype=self.compute_dtype)
-        if "control" in batch:  # FLUX.1 Kontext: the clean control tokens ride after the noisy target's
-            tokens, ids = kontext.append_control(tokens, ids, batch["control"].to(self.device))
+        tokens = xt if "control" not in inputs else kontext.append_control_tokens(xt, inputs["control"])
         pred = self.transformer(
             hidden_states=tokens,
             encoder_hidden_states=t5,
-            pooled_projections=batch["pooled"].to(self.device, self.compute_dtype),
+            pooled_projections=inputs["pooled"],
             timestep=sigma.to(self.compute_dtype),
-            img_ids=ids,
+            img_ids=inputs["img_ids"],
             txt_ids=torch.zeros(t5.shape[1], 3, device=self.device, dtype=self.compute_dtype),
             guidance=guidance,
             return_dict=False,
@@ -127,9 +145,12 @@ class FluxLoRAModule(L.LightningModule):
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        if self.perf.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead: replay over them
-        loss = self.flow_loss(batch)
+        if self.perf.step_graphs is not None:
+            loss = self._graphed_step(self.perf.step_graphs, batch, batch_idx)
+        else:
+            if self.perf.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are dead: replay over them
+            loss = self.flow_loss(batch)
         if self.check_finite:
             # no host sync here: the flag is read in optimizer_step, once backward is already queued
             bad = ~torch.isfinite(loss.detach())
@@ -138,6 +159,43 @@ class FluxLoRAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["latents"].shape[0])
         return loss
 
+    def _graphed_step(self, graphs: StepGraphs, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Forward and backward of `batch` through `graphs` (`speed.graph_scope=step`: one CUDA graph per shape);
+        returns the loss, detached. Lightning zeroes gradients after `training_step` and before `backward`, so here,
+        where backward ran inside the step, the step zeroes them itself where Lightning would (the first batch of an
+        accumulation window) and `optimizer_zero_grad` and `backward` do nothing."""
+        accumulate = self.trainer.accumulate_grad_batches
+        zero = batch_idx % accumulate == 0
+
+        def step(inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # runs eagerly, or once while captured
+            grads = self._own_grads(self.trainer.optimizers[0])
+            if zero:
+                torch._foreach_zero_(grads)
+            loss = self.loss_from(inputs)
+            with torch.autocast(self.device.type, enabled=False):
+                (loss / accumulate if accumulate > 1 else loss).backward()
+            return loss.detach()
+
+        return graphs(step, self.step_inputs(batch), key=(zero, accumulate))
+
+    @staticmethod
+    def _own_grads(optimizer) -> list[torch.Tensor]:
+        """The gradients of `optimizer`'s parameters, each given memory of its own first: a CUDA graph replays over
+        the same buffers, and backward accumulates into them."""
+        grads = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        return grads
+
+    @override
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.perf.step_graphs is not None and not loss.requires_grad:
+            return  # the step ran backward itself (_graphed_step)
+        super().backward(loss, *args, **kwargs)
+
     @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         """Run forward+backward, then step only if every loss since the last step was finite."""
@@ -145,6 +203,19 @@ class FluxLoRAModule(L.LightningModule):
             optimizer_closure()
         flag, files = self._nonfinite, self._pending_files
         self._nonfinite, self._pending_files = None, []
+        raw = getattr(optimizer, "optimizer", optimizer)
+        if flag is not None and getattr(self._trainer, "world_size", 1) == 1 \
+                and getattr(raw, "_step_supports_amp_scaling", False):
+            # a fused optimizer skips the update on the device when `found_inf` is set (as under GradScaler): the
+            # update is queued before the host reads the flag, so the GPU does not idle between backward and it
+            raw.found_inf = flag.float()
+            try:
+                optimizer.step()
+            finally:
+                del raw.found_inf
+            if bool(flag):
+                self._on_nonfinite(files)  # the update was skipped; the LoRA weights stay as they were
+            return
         if flag is not None and getattr(self._trainer, "world_size", 1) > 1:
             # the gradients were averaged over the ranks: every rank skips (or stops) together
             local = bool(flag)
@@ -157,15 +228,14 @@ class FluxLoRAModule(L.LightningModule):
 
     @override
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        if self.perf.step_graphs is not None:
+            return  # the step zeroes its gradients inside its graph (_graphed_step)
         if not self.perf.cuda_graphs:
             optimizer.zero_grad(set_to_none=True)
             return
         # with CUDA graphs a gradient must not be a graph's output buffer, which the next replay writes over:
         # gradients get memory of their own before the first backward, and backward accumulates into it
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+        self._own_grads(optimizer)
         optimizer.zero_grad(set_to_none=False)
 
     @override

@@ -122,23 +122,36 @@ def test_a_run_with_block_swap_writes_the_same_lora(make_cfg):
     _assert_same_lora(swapped, plain)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "step"])
 @pytest.mark.parametrize("gc_on", [False, True])
-def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on, monkeypatch):
-    """Compiled blocks replaying CUDA graphs (with checkpointing recomputed inside the graph when on) train the
-    LoRA that eager blocks train, through the whole run (Lightning's loop, gradient clipping, fused AdamW)."""
+def test_a_run_with_cuda_graphs_writes_the_same_lora_as_eager(make_cfg, gc_on, scope, monkeypatch):
+    """CUDA graphs of each compiled block, or of the whole step (`speed.graph_scope`; with checkpointing
+    recomputed inside the compiled blocks when on), train the LoRA that eager blocks train, through the whole run
+    (Lightning's loop, gradient clipping, fused AdamW)."""
     from torch._inductor import config as inductor_config
 
     from fluxlora.run.build import build_module
 
     # the static launcher failed to launch a tiny backward kernel under capture on the H200 (module docstring)
     monkeypatch.setattr(inductor_config, "use_static_cuda_launcher", False)
-    common = (f"memory.gradient_checkpointing={gc_on}", "speed.cuda_graphs=auto")
+    common = (f"memory.gradient_checkpointing={gc_on}", "speed.cuda_graphs=auto", f"speed.graph_scope={scope}")
     cfg = make_cfg("trainer.accelerator=gpu", *common, "speed.compile_blocks=true")
     module, _ = build_module(cfg, tiny.build()["transformer"], torch.device("cuda"), torch.bfloat16, 4)
-    assert module.perf.cuda_graphs  # what a run resolves to on this GPU
+    assert (module.perf.cuda_graphs, module.perf.step_graphs is not None) == (scope == "blocks", scope == "step")
+    from fluxlora.perf.step_graph import StepGraphs
+
+    captures, capture = [], StepGraphs._capture
+
+    def counted(self, *args):
+        entry = capture(self, *args)
+        captures.append(entry is not None)
+        return entry
+
+    monkeypatch.setattr(StepGraphs, "_capture", counted)
     eager = _run_lora(make_cfg, "eager", *common, "speed.compile_blocks=false")
     graphs = _run_lora(make_cfg, "graphs", *common, "speed.compile_blocks=true")
     _assert_same_lora(graphs, eager)
+    assert all(captures) and bool(captures) == (scope == "step")  # each shape captured on its second step
 
 
 def test_memory_budget_caps_the_allocator_and_is_what_the_run_reads():

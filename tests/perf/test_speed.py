@@ -162,6 +162,26 @@ def test_each_block_kind_compiles_one_graph_per_token_count(train_blocks):
     assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])  # 2 kinds x 2 token counts
 
 
+@pytest.mark.slow
+def test_dynamic_shapes_compile_one_graph_per_block_kind_for_every_token_count():
+    """`speed.dynamic_shapes=true` marks the blocks' batch and token dimensions dynamic from the first call: two
+    token counts make one graph per block kind (two in all; fixed sizes make four, above), training as eager."""
+    from torch._dynamo.utils import counters
+
+    from helpers.memory_helpers import module_for
+
+    plain = _two_shape_steps(module_for())
+    torch._dynamo.reset()
+    counters.clear()
+    module = module_for()
+    apply_speed_settings(module.transformer, SpeedSettings(compile_blocks=True, dynamic_shapes=True))
+    compiled = _two_shape_steps(module)
+    assert compiled["losses"] == pytest.approx(plain["losses"], rel=BF16_EPS)
+    for n, w in plain["weights"].items():
+        torch.testing.assert_close(compiled["weights"][n], w, rtol=BF16_EPS, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
 def test_block_input_hooks_act_in_training_only():
     """With grad on, the first single block (the first trainable one here) gets its states as views of one tensor
     that require grad, as every later single block does; under no_grad (sampling, validation) they pass as they come."""
@@ -232,7 +252,7 @@ def test_speed_plan_resolves_auto_and_refuses_what_cannot_work():
     assert not plan(SpeedSettings(), "cpu", checkpoint_every=1).recompute_in_graph  # nothing compiled
     with pytest.raises(ValueError, match="checkpoint_every=1"):
         plan(SpeedSettings(compile_blocks=True, recompute_in_graph=True), "cpu", checkpoint_every=2)
-    graphs = SpeedSettings(compile_blocks=True, cuda_graphs="auto")
+    graphs = SpeedSettings(compile_blocks=True, cuda_graphs="auto", graph_scope="blocks")  # step: test_step_graph
     assert plan(graphs, "cuda").cuda_graphs and plan(graphs, "cuda", checkpoint_every=1).cuda_graphs
     assert not plan(graphs, "cpu").cuda_graphs
     assert not plan(graphs, "cuda", swapping=True).cuda_graphs

@@ -269,6 +269,30 @@ def test_nonfinite_loss_skip_counts_then_stops():
     assert module.nonfinite_skips == 3
 
 
+def test_a_fused_optimizer_skips_a_nonfinite_step_on_the_device():
+    """With a fused AdamW the update is queued before the host reads the flag, and skipped on the device (the
+    optimizer's `found_inf`, as under GradScaler): the weights and the step count stay as they were; a finite step
+    after it updates them."""
+    from fluxlora.lora.inject import lora_parameters
+
+    module = _nan_module("skip")
+    opt = torch.optim.AdamW(lora_parameters(module.transformer).values(), lr=1e-2, fused=True)
+    _train_batch(module, _batch(nan=False), opt)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    steps = [float(s["step"]) for s in opt.state.values()]
+    _train_batch(module, _batch(nan=True), opt)
+    assert module.nonfinite_skips == 1 and not hasattr(opt, "found_inf")
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert [float(s["step"]) for s in opt.state.values()] == steps
+    opt.zero_grad()
+    _train_batch(module, _batch(nan=False), opt)
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert [float(s["step"]) for s in opt.state.values()] == [s + 1 for s in steps]
+    module.nonfinite = "stop"
+    with pytest.raises(FluxLoraError, match="non-finite loss at step 7"):
+        _train_batch(module, _batch(nan=True), opt)
+
+
 def test_nonfinite_check_covers_every_accumulated_micro_batch():
     module = _nan_module("stop")
     opt = _CountingOptimizer()

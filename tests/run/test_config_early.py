@@ -87,6 +87,9 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "blocks_per_graph": (["speed.blocks_per_graph=0"], "speed.blocks_per_graph=0 must be a whole number >= 1"),
         "blocks_per_graph_tier": (["+vram=12gb", "speed.blocks_per_graph=4"],
                                   "speed.blocks_per_graph=4 runs whole groups of blocks in one call"),
+        "graph_scope": (["speed.graph_scope=whole"], "speed.graph_scope='whole' is not one of auto, step, blocks"),
+        "graph_scope_chroma": (["speed.graph_scope=step", "+model.arch=chroma"],
+                               "speed.graph_scope=step needs FLUX.1 or Kontext"),
         "cache_batch": (["data.cache_batch_size=0"], "data.cache_batch_size=0 must be a positive integer or auto"),
         # the shipped memory.base_storage=auto keeps the bf16 base on the CPU: fp8 matmuls have no fp8 weights
         "fp8_matmul_on_auto": (["memory.fp8_matmul=true"],
