@@ -123,7 +123,7 @@ class StepTimer:
         self.pyprof.disable()
         print(f"cProfile of step {step}:", flush=True)
         for key in ("tottime", "cumulative"):
-            pstats.Stats(self.pyprof).sort_stats(key).print_stats(25)
+            pstats.Stats(self.pyprof).sort_stats(key).print_stats(40)
         self.pyprof = None
 
 
