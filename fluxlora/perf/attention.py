@@ -9,8 +9,8 @@ norm to 4 digits. This processor does exactly that: q/k/v in (B, H, S, D) contig
 the output. It computes what diffusers' `FluxAttnProcessor` computes (projections, per-head RMS norms, the text
 tokens first, rotary embeddings, SDPA, output projections); a CPU test checks that within float32 rounding.
 
-`cudnn` enables cuDNN's SDPA for these calls, with flash, efficient and math still enabled as fallbacks. The list
-enables backends; it does not order them. torch orders them itself, and its CUDA build puts cuDNN first on sm90/sm100
+`cudnn` enables cuDNN's SDPA while the transformer runs, with flash, efficient and math still enabled as fallbacks
+(`SdpaScope`, a pre/post hook pair on the transformer). The list enables backends; it does not order them. torch orders them itself, and its CUDA build puts cuDNN first on sm90/sm100
 when cuDNN is newer than 9.15 (`check_prefer_cudnn_attention` in aten's cuda/sdp_utils.cpp: older cuDNN mishandled
 sequence lengths not divisible by 128). The H200 had cuDNN 9.19. With an older cuDNN, torch puts flash first, so
 `cudnn` then runs flash through this processor.
@@ -26,10 +26,11 @@ blocks, and Chroma (its T5 mask goes into every attention) were not run with cuD
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,70 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-class FluxSdpaProcessor:
-    """A `FluxAttention` processor that runs SDPA with `backends`, its inputs and output gradient contiguous."""
+_SWITCHES = {SDPBackend.CUDNN_ATTENTION: (torch.backends.cuda.cudnn_sdp_enabled, torch.backends.cuda.enable_cudnn_sdp),
+             SDPBackend.FLASH_ATTENTION: (torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.enable_flash_sdp),
+             SDPBackend.EFFICIENT_ATTENTION: (torch.backends.cuda.mem_efficient_sdp_enabled,
+                                              torch.backends.cuda.enable_mem_efficient_sdp),
+             SDPBackend.MATH: (torch.backends.cuda.math_sdp_enabled, torch.backends.cuda.enable_math_sdp)}
 
-    def __init__(self, backends: list[SDPBackend]) -> None:
-        self.backends = list(backends)
+
+class SdpaScope:
+    """Enables a set of SDPA backends while any thread is inside a transformer call, and puts back the flags it
+    found when the last one leaves.
+
+    Why not `sdpa_kernel` in the processor: torch.compile traces that context into each block's graph, and
+    AOTAutograd then bypasses its cache for the graph ("Unsupported call_function target `_backend_from_string`",
+    two processes sharing one cache dir on the CPU, 2026-12-02), so every warm start re-partitioned and re-lowered
+    the joint graphs. Set outside the compiled blocks, the flags are read where they matter: when a block is traced
+    (the trace picks the SDPA op) and when an eager call dispatches. A backward runs the backward of the op its
+    forward ran, whatever the flags then.
+
+    The flags are process-wide (ATen's global context), and a sampling thread may run the transformer while the
+    training step does: a count under a lock makes the first to enter save the flags and the last to leave
+    restore them, where nested `sdpa_kernel` contexts would leave them to whichever thread left last.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: dict[SDPBackend, bool] = {}
+
+    def enter(self, backends: list[SDPBackend]) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = {b: enabled() for b, (enabled, _) in _SWITCHES.items()}
+                for b, (_, enable) in _SWITCHES.items():
+                    enable(b in backends)
+            self._inside += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            if self._inside == 0:  # a post hook whose pre hook never ran (a hook before ours raised)
+                return
+            self._inside -= 1
+            if self._inside == 0:
+                for b, (_, enable) in _SWITCHES.items():
+                    enable(self._saved[b])
+
+    @property
+    def active(self) -> bool:
+        return self._inside > 0
+
+
+SDPA_SCOPE = SdpaScope()
+"""The one scope of this process: the flags it guards are process-wide too."""
+
+
+def scope_transformer(transformer: torch.nn.Module, backends: list[SDPBackend]) -> None:
+    """Enable `backends` for every call of `transformer` (forward pre hook; a post hook that also runs when the
+    forward raises)."""
+    transformer.register_forward_pre_hook(lambda module, args: SDPA_SCOPE.enter(backends))
+    transformer.register_forward_hook(lambda module, args, out: SDPA_SCOPE.leave(), always_call=True)
+
+
+class FluxSdpaProcessor:
+    """A `FluxAttention` processor that runs SDPA on contiguous q/k/v with a contiguous output gradient; which
+    backends SDPA may pick is set around the transformer's call (`scope_transformer`)."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -75,8 +135,7 @@ class FluxSdpaProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, S, D), dense
-        with sdpa_kernel(self.backends):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         out = _ContiguousGrad.apply(out).transpose(1, 2).flatten(2, 3).to(q.dtype)
         if not joint:
             return out
@@ -121,7 +180,9 @@ def use_attention(transformer: torch.nn.Module, choice: str, device: torch.devic
     mods = [m for m in transformer.modules() if isinstance(m, FluxAttention)
             and type(m.processor) is FluxAttnProcessor and not getattr(m, "fused_projections", False)]
     for m in mods:
-        m.set_processor(FluxSdpaProcessor(_BACKENDS[choice]))
+        m.set_processor(FluxSdpaProcessor())
+    if mods:
+        scope_transformer(transformer, _BACKENDS[choice])
     log.info("attention: %d modules run fluxlora's processor, SDPA backends %s enabled (torch orders them: cuDNN "
              "first on Hopper/Blackwell with cuDNN > 9.15)", len(mods), ", ".join(b.name for b in _BACKENDS[choice]))
     return len(mods)

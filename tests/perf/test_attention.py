@@ -4,10 +4,14 @@ itself needs a GPU: tests/perf/test_attention_gpu.py)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
-from fluxlora.perf.attention import FluxSdpaProcessor, _ContiguousGrad, resolve_attention, use_attention
+from fluxlora.perf.attention import (SDPA_SCOPE, FluxSdpaProcessor, SdpaScope, _ContiguousGrad, resolve_attention,
+                                     use_attention)
 from fluxlora.perf.speed import SpeedSettings
 from fluxlora.training import flow as fm
 from helpers.model_layouts import tiny_transformer
@@ -85,3 +89,78 @@ def test_the_output_gradient_reaches_sdpa_contiguous():
     (y.transpose(1, 2) * torch.randn(2, 4, 3, 5)).sum().backward()  # a transposed gradient arrives
     assert seen == {"in": False, "out": True}
     assert torch.equal(y, x)
+
+
+@pytest.fixture
+def cudnn_sdp_off():
+    """cuDNN's SDPA switched off, as `prepare_cuda` leaves it for a run; the flags are put back afterwards."""
+    saved = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(saved)
+
+
+def test_cudnn_is_enabled_only_while_the_transformer_runs(cudnn_sdp_off):
+    """The backends are set around the transformer's call, outside any compiled block; afterwards, and after a
+    forward that raised, the flags are what they were."""
+    model = tiny_transformer()
+    use_attention(model, "cudnn", "cpu")
+    seen = []
+    model.transformer_blocks[0].register_forward_pre_hook(
+        lambda module, args: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
+    _loss_and_grads(model)
+    assert seen == [True] and not torch.backends.cuda.cudnn_sdp_enabled() and not SDPA_SCOPE.active
+    with pytest.raises(RuntimeError):
+        model(hidden_states=torch.randn(1, 4, 3))  # wrong width: raises inside the forward
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and not SDPA_SCOPE.active
+
+
+def test_overlapping_calls_from_two_threads_restore_the_flags_once_both_left(cudnn_sdp_off):
+    """A sampling thread may run the transformer while the training step does; whichever leaves last, the flags
+    end as they were (nested `sdpa_kernel` contexts left them to the thread that left last)."""
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    scope = SdpaScope()
+    scope.enter(backends)  # training step
+    assert torch.backends.cuda.cudnn_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+    other = threading.Thread(target=scope.enter, args=(backends,))  # sampling thread enters second...
+    other.start()
+    other.join()
+    scope.leave()  # ...the training step leaves first: the sampler is still inside
+    assert torch.backends.cuda.cudnn_sdp_enabled() and scope.active
+    other = threading.Thread(target=scope.leave)
+    other.start()
+    other.join()
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert not scope.active
+    scope.leave()  # a post hook without its pre hook changes nothing
+    assert not torch.backends.cuda.cudnn_sdp_enabled() and not scope.active
+
+
+def test_a_compiled_block_with_our_processor_is_loaded_from_the_compile_cache(monkeypatch, tmp_path, cudnn_sdp_off):
+    """`sdpa_kernel` inside the processor was traced into each block's graph, and AOTAutograd bypassed its cache for
+    it ("Unsupported call_function target _backend_from_string"): every warm start partitioned and lowered the
+    joint graphs again. With the backends set around the transformer the graph is cached and loaded."""
+    from torch._dynamo.utils import counters
+
+    from fluxlora.perf.speed import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    use_compile_cache(str(tmp_path / "cache"))
+
+    def step() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = tiny_transformer()
+        use_attention(model, "cudnn", "cpu")
+        model.single_transformer_blocks[0].compile(fullgraph=True, dynamic=False)
+        return _loss_and_grads(model)[1]
+
+    torch._dynamo.reset()
+    counters.clear()
+    cold = step()
+    assert counters["aot_autograd"]["autograd_cache_saved"] == 1, dict(counters["aot_autograd"])
+    torch._dynamo.reset()
+    counters.clear()
+    warm = step()
+    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    for k in cold:
+        torch.testing.assert_close(warm[k], cold[k], rtol=0, atol=0)
