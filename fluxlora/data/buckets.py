@@ -25,6 +25,12 @@ from fluxlora.errors import FluxLoraError
 _SIDE_MULTIPLE = 16
 
 
+def tokens_of(bucket: Sequence[int]) -> int:
+    """The transformer's image tokens for a (width, height) bucket: one per 16 x 16 pixels."""
+    width, height = bucket
+    return (width // _SIDE_MULTIPLE) * (height // _SIDE_MULTIPLE)
+
+
 @dataclass(frozen=True)
 class BucketSettings:
     """How images are sized: aspect-ratio buckets of about `resolution` pixels, or one fixed crop."""
@@ -182,6 +188,21 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
 
     def __len__(self) -> int:
         return self._len  # the full epoch, also when resuming: Lightning counts the skipped batches as done
+
+    def step_shapes(self) -> set[tuple[int, int]]:
+        """(samples, image tokens) of the batches any rank draws, every epoch alike: each compiled graph of fixed
+        sizes serves one of them (`speed.dynamic_shapes: auto` reads how many there are). A bucket's last batch
+        may be smaller; a bucket key with a control bucket (FLUX.1 Kontext) counts both images' tokens."""
+        groups: dict[tuple[int, ...], int] = {}
+        for b, r in zip(self.buckets, self.repeats):
+            groups[b] = groups.get(b, 0) + r
+        shapes = set()
+        for b, count in groups.items():
+            tokens = sum(tokens_of(b[i:i + 2]) for i in range(0, len(b), 2))
+            shapes.add((min(count, self.batch_size), tokens))
+            if count > self.batch_size and count % self.batch_size:
+                shapes.add((count % self.batch_size, tokens))
+        return shapes
 
     def epoch_batches(self, epoch: int) -> list[list[SampleKey]]:
         """All batches of this rank for an epoch."""

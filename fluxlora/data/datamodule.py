@@ -282,6 +282,12 @@ class FluxDataModule(L.LightningDataModule):
             dropout=[subsets[r.subset].caption_dropout_rate for r in self.records],
             rank=self.rank, world_size=self.world_size)
 
+    def step_shapes(self) -> set[tuple[int, int]]:
+        """(samples, image tokens) of the training batches (`BucketBatchSampler.step_shapes`)."""
+        if not self.items:
+            self.scan()
+        return (self.sampler or self.make_sampler()).step_shapes()
+
     def batches_per_epoch(self) -> int:
         """Batches this rank trains per epoch (all buckets, repeats included)."""
         if not self.items:

@@ -67,12 +67,15 @@ class SpeedSettings:
     step of a 12gb run at 1024 px took 9.1 s from a warm cache against 33.5 s cold (bench/whole_run.py --warm).
     Torch's own default is under /tmp, which rented machines clear on restart. A `TORCHINDUCTOR_CACHE_DIR` the user
     set wins; None = torch's default."""
-    dynamic_shapes: bool = False
-    """`false`: each token count (bucket size) compiles graphs of its own, with the sizes fixed in its kernels.
+    dynamic_shapes: bool | str = "auto"
+    """`false`: each batch shape (bucket size) compiles graphs of its own, with the sizes fixed in its kernels.
     `true`: the blocks' inputs have symbolic batch and token counts from the first call, so one compiled graph per
-    block kind serves every bucket size (`_sizes_dynamic`). On the H200 at 1024 px (no tier, three buckets) the
-    compiles took 46.9 s instead of 60.0 s, and each step 1.1 % longer (0.3198 against 0.3164 s), so it is off by
-    default: a long run over few shapes loses more than it saves."""
+    block kind serves every bucket size (`_sizes_dynamic`). `auto`: true when the training batches come in more than
+    one shape (`BucketBatchSampler.step_shapes`) on FLUX.1 or Kontext, false otherwise. On the H200 at 1024 px (no
+    tier, three buckets, 2026-12-02) a cold run reached its third shape 42.1 s after its first step began with
+    symbolic sizes against 64.7 s with fixed ones (11.0 against 11.4 s warm), for steps 1.1 % longer (0.3198
+    against 0.3164 s): a second shape's compile (~25 s) is worth ~7,000 such steps. One shape compiles once either
+    way, so it keeps the fixed sizes' kernels. Chroma (its caption lengths vary too) was not run with them."""
     blocks_per_graph: int = 1
     """With `compile_scope=blocks`: up to this many consecutive blocks of a kind form one compiled region
     (`fluxlora.perf.block_groups`), dividing the per-region host time (graph launches, guards, wrappers: ~46 ms of a
@@ -85,9 +88,7 @@ class SpeedSettings:
     1024 px; default elsewhere."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.dynamic_shapes, bool):
-            raise ValueError(f"speed.dynamic_shapes={self.dynamic_shapes!r} is not one of true, false")
-        for name in ("compile_blocks", "recompute_in_graph", "cuda_graphs"):
+        for name in ("compile_blocks", "recompute_in_graph", "cuda_graphs", "dynamic_shapes"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"speed.{name}={getattr(self, name)!r} is not one of true, false, auto")
         from fluxlora.perf.attention import ATTENTION
@@ -127,17 +128,20 @@ class SpeedPlan:
     """The compiled blocks replay CUDA graphs of their own (Inductor's cudagraph trees)."""
     step_graphs: bool = False
     """The training step is captured as one CUDA graph per shape (`speed.graph_scope=step`)."""
+    dynamic_shapes: bool = False
+    """The compiled blocks take symbolic batch and token counts (`speed.dynamic_shapes`)."""
 
 
 def plan(settings: SpeedSettings, device: torch.device | str | None = None, base_storage: str = "none",
          swapping: bool = False, checkpoint_every: int = 0, processes: int = 1, budgeted: bool = False,
-         chroma: bool = False) -> SpeedPlan:
+         chroma: bool = False, step_shapes: int = 1) -> SpeedPlan:
     """Resolve `auto` and refuse combinations that cannot work, with the setting to change in the message.
 
     `checkpoint_every`: `memory.checkpoint_every` when gradient checkpointing is on, else 0. `processes`: ranks of
     the run (`auto` leaves CUDA graphs off under DDP, where they were not measured; `true` still turns them on).
     `budgeted`: a memory budget caps the run (`memory.budget_gb`); `auto` then leaves CUDA graphs off. `chroma`: the
-    transformer is Chroma's (no step graph: its step reads back to the host).
+    transformer is Chroma's (no step graph: its step reads back to the host). `step_shapes`: how many batch shapes
+    the training data comes in (`auto` compiles symbolic sizes for more than one).
     """
     compile_ = settings.compiles(device, base_storage)
     if swapping and compile_ and settings.compile_scope == "model":
@@ -168,7 +172,9 @@ def plan(settings: SpeedSettings, device: torch.device | str | None = None, base
     # the first: README "VRAM tiers".)
     graphs = graphs_asked or (settings.cuda_graphs == "auto" and not blockers and processes == 1 and not budgeted)
     step = graphs and step_scope(settings, processes, chroma)
-    return SpeedPlan(compile_, in_graph, graphs and not step, step)
+    dynamic = compile_ and (settings.dynamic_shapes is True
+                            or (settings.dynamic_shapes == "auto" and step_shapes > 1 and not chroma))
+    return SpeedPlan(compile_, in_graph, graphs and not step, step, dynamic)
 
 
 def step_scope(settings: SpeedSettings, processes: int, chroma: bool) -> bool:
@@ -337,14 +343,15 @@ def eager_blocks(module: torch.nn.Module) -> Iterator[None]:
 
 def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, checkpoint_every: int = 0,
                          swapping: bool = False, device: torch.device | str | None = None, base_storage: str = "none",
-                         processes: int = 1, budgeted: bool = False) -> SpeedPlan:
+                         processes: int = 1, budgeted: bool = False, step_shapes: int = 1) -> SpeedPlan:
     """Apply the settings for a run on `device`; returns what was decided (`cuda_graphs`, `step_graphs`: the caller
     records them in `PerfState`, which the training step reads).
 
     `checkpoint_every`: the interval `apply_memory_settings` applied (0 = no checkpointing); checkpointing must
     already be applied: with `recompute_in_graph` its blocks then run plainly and recompute inside their compiled
     graph. `swapping`: block swapping is installed (its hooks must stay outside compiled code); `base_storage`:
-    `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set.
+    `memory.base_storage`; `processes`: ranks of the run; `budgeted`: `memory.budget_gb` is set; `step_shapes`: how
+    many batch shapes the training data comes in (`speed.dynamic_shapes: auto`).
     """
     from fluxlora.perf.attention import use_attention
     from fluxlora.perf.checkpointing import run_blocks_plainly
@@ -354,7 +361,7 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
     from fluxlora.models.chroma import is_chroma
 
     decided = plan(settings, device, base_storage, swapping, checkpoint_every, processes, budgeted,
-                   is_chroma(transformer))
+                   is_chroma(transformer), step_shapes)
     if not decided.compile:
         return decided
     use_compile_cache(settings.compile_cache)
@@ -363,7 +370,7 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
     if decided.cuda_graphs and mode not in CUDA_GRAPH_MODES:
         options = {**(options or {}), "triton.cudagraphs": True}
     if settings.compile_scope == "model":
-        transformer.compile(mode=mode, options=options, dynamic=None if settings.dynamic_shapes else False)
+        transformer.compile(mode=mode, options=options, dynamic=None if decided.dynamic_shapes else False)
         log.info("torch.compile on the whole transformer (mode=%s, options=%s)", mode, options)
     else:
         budget = None
@@ -371,7 +378,10 @@ def apply_speed_settings(transformer: torch.nn.Module, settings: SpeedSettings, 
             run_blocks_plainly(transformer)
             budget = 0.0
             log.info("gradient checkpointing inside the compiled blocks: their backward recomputes the forward")
-        compile_blocks(transformer, mode, options, budget, settings.dynamic_shapes, settings.blocks_per_graph)
+        compile_blocks(transformer, mode, options, budget, decided.dynamic_shapes, settings.blocks_per_graph)
+        if decided.dynamic_shapes:
+            log.info("compiled blocks take symbolic batch and token counts: one graph per block kind serves %s",
+                     f"all {step_shapes} batch shapes" if step_shapes > 1 else "every batch shape")
     if decided.cuda_graphs:
         from fluxlora.perf.graph_recording import index_graph_recording
 

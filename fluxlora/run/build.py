@@ -149,10 +149,11 @@ def record_run(callbacks: dict, record: dict) -> None:
 
 
 def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.device, compute_dtype: torch.dtype,
-                 steps: int, heartbeat=None, run: RunSettings | None = None):
+                 steps: int, heartbeat=None, run: RunSettings | None = None, step_shapes: int = 1):
     """Memory settings, LoRA layers, block swapping and speed settings on a loaded transformer, in the order a run
     applies them (bench/memory_tiers.py calls this too). Read the transformer to `MemorySettings.load_device(device)`
-    first; `run` is the run's parsed settings (parsed from `cfg` when not given).
+    first; `run` is the run's parsed settings (parsed from `cfg` when not given); `step_shapes`: how many batch
+    shapes the training data comes in (`FluxDataModule.step_shapes`; `speed.dynamic_shapes: auto` reads it).
 
     Returns:
         (FluxLoRAModule, BlockSwapper or None); the module's `perf` holds what each step decided.
@@ -169,7 +170,8 @@ def build_module(cfg: DictConfig, transformer: torch.nn.Module, device: torch.de
         devices, nodes = requested_processes(cfg, device)
         decided = apply_speed_settings(
             transformer, run.speed, perf.checkpoint_every, swapping=perf.swapping, device=device,
-            base_storage=memory.base_storage, processes=devices * nodes, budgeted=memory.budget_gb is not None)
+            base_storage=memory.base_storage, processes=devices * nodes, budgeted=memory.budget_gb is not None,
+            step_shapes=step_shapes)
     except ValueError as e:
         raise FluxLoraError(str(e)) from e
     perf.cuda_graphs = decided.cuda_graphs

@@ -139,7 +139,7 @@ def _train(job: Job) -> float | None:
     if callbacks.get("lora_saver") is not None:
         callbacks["lora_saver"].add_metadata(sd_model_name=comps.name, **(
             {"model_type": "chroma", "apply_t5_attn_mask": True} if comps.arch == "chroma" else {}))
-    built = _build(job, comps, callbacks, steps, precision, compute_dtype)
+    built = _build(job, comps, callbacks, steps, precision, compute_dtype, len(dm.step_shapes()))
     if built is None:
         return None
     module, trainer, plan = built
@@ -212,13 +212,15 @@ def _load_and_cache(job: Job, dm: FluxDataModule, sampler: Any, clock: StageCloc
     return comps
 
 
-def _build(job: Job, comps: Any, callbacks: dict, steps: int, precision: str,
-           compute_dtype: torch.dtype) -> Optional[tuple[Any, L.Trainer, ResumePlan]]:
+def _build(job: Job, comps: Any, callbacks: dict, steps: int, precision: str, compute_dtype: torch.dtype,
+           step_shapes: int = 1) -> Optional[tuple[Any, L.Trainer, ResumePlan]]:
     """The LoRA module on the loaded transformer, the checkpoint to continue from, and the Trainer; None when that
-    checkpoint shows the run complete. `precision`, `compute_dtype`: `precision_for`'s."""
+    checkpoint shows the run complete. `precision`, `compute_dtype`: `precision_for`'s; `step_shapes`: how many
+    batch shapes the training data comes in."""
     cfg = job.cfg
     beat = job.watchdog.beat if job.watchdog is not None else None
-    module, _ = build_module(cfg, comps.transformer, job.device, compute_dtype, steps, heartbeat=beat, run=job.settings)
+    module, _ = build_module(cfg, comps.transformer, job.device, compute_dtype, steps, heartbeat=beat, run=job.settings,
+                             step_shapes=step_shapes)
     folder, layout = checkpoint_layout(cfg, job.out)
     plan = resume_plan(cfg, module, folder, layout, owner=job.owner)
     if plan.path is not None and plan.finished(int(cfg.trainer.max_steps), cfg.trainer.get("max_epochs")):

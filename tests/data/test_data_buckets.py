@@ -113,3 +113,21 @@ def test_lightning_reaches_set_epoch_through_batch_sampler_sampler():
     s = _sampler()
     _set_sampler_epoch(DataLoader(range(10), batch_sampler=s), 4)
     assert s.epoch == 4
+
+
+@pytest.mark.parametrize("repeats, batch_size", [([1] * 10, 2), ([2] * 5 + [1] * 5, 2), ([1] * 10, 4), ([3] * 10, 1)])
+def test_step_shapes_are_the_shapes_of_the_batches_drawn(repeats, batch_size):
+    """What `speed.dynamic_shapes: auto` counts: (samples, image tokens) of every batch, a bucket's smaller last
+    batch included; 64x128 and 128x64 are one shape (32 tokens each)."""
+    s = _sampler(repeats=repeats, batch_size=batch_size)
+    drawn = {(len(b), (s.buckets[b[0].record][0] // 16) * (s.buckets[b[0].record][1] // 16))
+             for epoch in range(3) for b in s.epoch_batches(epoch)}
+    assert s.step_shapes() == drawn
+    assert _sampler(repeats=repeats, batch_size=batch_size, rank=1, world_size=2).step_shapes() == drawn
+
+
+def test_step_shapes_count_a_control_images_tokens_too():
+    """FLUX.1 Kontext's batches key on (target, control) buckets: the step sees both images' tokens."""
+    s = BucketBatchSampler([(64, 64, 32, 32)] * 2 + [(64, 64, 64, 64)] * 2, batch_size=2, seed=0)
+    assert s.step_shapes() == {(2, 16 + 4), (2, 16 + 16)}
+    assert BucketBatchSampler([(512, 512)], batch_size=4, seed=0).step_shapes() == {(1, 1024)}

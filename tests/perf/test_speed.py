@@ -48,10 +48,12 @@ def test_bad_settings_are_rejected_and_auto_compiles_on_cuda_only():
     assert not hasattr(transformer.transformer_blocks[0].forward, "_torchdynamo_orig_callable")
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_dynamic_shapes_reaches_torch_compile(monkeypatch, dynamic):
-    """speed.dynamic_shapes picks torch.compile's automatic dynamic shapes (dynamic=None) over fixed sizes (False)
-    for every block; the graphs it makes are measured in bench (compiling here would cost minutes of CI)."""
+@pytest.mark.parametrize("dynamic, shapes, symbolic", [(False, 3, False), (True, 1, True), ("auto", 1, False),
+                                                       ("auto", 3, True)])
+def test_dynamic_shapes_reaches_torch_compile(monkeypatch, dynamic, shapes, symbolic):
+    """speed.dynamic_shapes picks symbolic sizes (dynamic=None, marked by `_sizes_dynamic`) over fixed sizes (False)
+    for every block; auto, where the training batches come in more than one shape. The graphs it makes are measured
+    in bench (compiling here would cost minutes of CI)."""
     from fluxlora.perf import speed
 
     seen = []
@@ -59,9 +61,10 @@ def test_dynamic_shapes_reaches_torch_compile(monkeypatch, dynamic):
     with pytest.raises(ValueError, match="dynamic_shapes"):
         SpeedSettings(dynamic_shapes="yes")
     transformer = tiny.build()["transformer"]
-    apply_speed_settings(transformer, SpeedSettings(compile_blocks=True, dynamic_shapes=dynamic), device="cpu")
+    decided = apply_speed_settings(transformer, SpeedSettings(compile_blocks=True, dynamic_shapes=dynamic),
+                                   device="cpu", step_shapes=shapes)
     n = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
-    assert seen == [None if dynamic else False] * n
+    assert decided.dynamic_shapes == symbolic and seen == [None if symbolic else False] * n
 
 
 def test_run_config_applies_compile_blocks(make_cfg):
@@ -72,6 +75,25 @@ def test_run_config_applies_compile_blocks(make_cfg):
     build_module(cfg, transformer, torch.device("cpu"), torch.float32, steps=2)
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     assert all(hasattr(b.forward, "_torchdynamo_orig_callable") for b in blocks)  # compiled lazily, at the first step
+
+
+@pytest.mark.parametrize("count", [8, 7])
+def test_a_run_hands_the_number_of_batch_shapes_it_trains_on_to_the_speed_plan(make_cfg, monkeypatch, count):
+    """`speed.dynamic_shapes: auto` decides on how many batch shapes the run's data comes in: 8 synthetic images in
+    batches of 2 are one shape; 7 add a last batch of one."""
+    from fluxlora.run import build
+    from fluxlora.run.train import run
+
+    handed, trained = [], set()
+    plan_for = build.apply_speed_settings
+    monkeypatch.setattr(build, "apply_speed_settings",
+                        lambda *a, **kw: handed.append(kw["step_shapes"]) or plan_for(*a, **kw))
+    step = FluxLoRAModule.training_step
+    monkeypatch.setattr(FluxLoRAModule, "training_step",
+                        lambda self, batch, i: trained.add(tuple(batch["latents"].shape)) or step(self, batch, i))
+    cfg = make_cfg(f"data.count={count}", "trainer.max_epochs=1", "~callbacks.sampler")
+    assert run(cfg) is not None
+    assert handed == [len(trained)] == [count % 2 + 1]
 
 
 def test_whole_model_compile_with_block_swap_is_refused(make_cfg, monkeypatch):
@@ -273,6 +295,12 @@ def test_speed_plan_resolves_auto_and_refuses_what_cannot_work():
         SpeedSettings(cuda_graphs=True, compile_mode="max-autotune-no-cudagraphs")
     with pytest.raises(ValueError, match="cuda_graphs"):
         SpeedSettings(cuda_graphs="always")
+    # symbolic sizes: auto where the batches come in several shapes, on FLUX.1 / Kontext, and only when compiling
+    assert plan(s, "cpu", step_shapes=2).dynamic_shapes and not plan(s, "cpu", step_shapes=1).dynamic_shapes
+    assert not plan(s, "cpu", step_shapes=2, chroma=True).dynamic_shapes  # caption lengths vary too: not measured
+    assert plan(SpeedSettings(compile_blocks=True, dynamic_shapes=True), "cpu", chroma=True).dynamic_shapes
+    assert not plan(SpeedSettings(compile_blocks=False), "cpu", step_shapes=3).dynamic_shapes
+    assert not plan(SpeedSettings(compile_blocks=True, dynamic_shapes=False), "cpu", step_shapes=3).dynamic_shapes
 
 
 def test_cuda_graph_runs_keep_gradients_in_their_own_memory():
