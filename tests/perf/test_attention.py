@@ -140,7 +140,7 @@ def test_a_compiled_block_with_our_processor_is_loaded_from_the_compile_cache(mo
     """`sdpa_kernel` inside the processor was traced into each block's graph, and AOTAutograd bypassed its cache for
     it ("Unsupported call_function target _backend_from_string"): every warm start partitioned and lowered the
     joint graphs again. With the backends set around the transformer the graph is cached and loaded."""
-    from torch._dynamo.utils import counters
+    from helpers.compile_cache import cold_then_warm
 
     from fluxlora.perf.speed import use_compile_cache
 
@@ -154,13 +154,6 @@ def test_a_compiled_block_with_our_processor_is_loaded_from_the_compile_cache(mo
         model.single_transformer_blocks[0].compile(fullgraph=True, dynamic=False)
         return _loss_and_grads(model)[1]
 
-    torch._dynamo.reset()
-    counters.clear()
-    cold = step()
-    assert counters["aot_autograd"]["autograd_cache_saved"] == 1, dict(counters["aot_autograd"])
-    torch._dynamo.reset()
-    counters.clear()
-    warm = step()
-    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    cold, warm = cold_then_warm(step)
     for k in cold:
         torch.testing.assert_close(warm[k], cold[k], rtol=0, atol=0)

@@ -410,7 +410,7 @@ def test_the_compile_cache_goes_where_speed_compile_cache_says(monkeypatch, tmp_
 def test_graphs_with_fp8_weights_are_loaded_from_the_compile_cache(monkeypatch, tmp_path):
     """An fp8-stored Linear runs through a custom autograd.Function, which AOTAutograd's cache skips by default:
     a warm run then traced every block's joint graph again (fluxlora.perf.speed._cache_custom_autograd_functions)."""
-    from torch._dynamo.utils import counters
+    from helpers.compile_cache import cold_then_warm
 
     from fluxlora.perf.fp8 import store_fp8
     from fluxlora.perf.speed import use_compile_cache
@@ -428,14 +428,7 @@ def test_graphs_with_fp8_weights_are_loaded_from_the_compile_cache(monkeypatch, 
         torch.compile(block, fullgraph=True)(x).float().square().sum().backward()
         return x.grad
 
-    torch._dynamo.reset()
-    counters.clear()
-    cold = step()
-    assert counters["aot_autograd"]["autograd_cache_saved"] == 1, dict(counters["aot_autograd"])
-    torch._dynamo.reset()
-    counters.clear()
-    warm = step()
-    assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters["aot_autograd"])
+    cold, warm = cold_then_warm(step)
     torch.testing.assert_close(warm, cold, rtol=0, atol=0)
 
 
