@@ -10,9 +10,10 @@ the output. It computes what diffusers' `FluxAttnProcessor` computes (projection
 tokens first, rotary embeddings, SDPA, output projections); a CPU test checks that within float32 rounding.
 
 `cudnn` enables cuDNN's SDPA while the transformer runs, with flash, efficient and math still enabled as fallbacks
-(`SdpaScope`, a pre/post hook pair on the transformer). The list enables backends; it does not order them. torch orders them itself, and its CUDA build puts cuDNN first on sm90/sm100
-when cuDNN is newer than 9.15 (`check_prefer_cudnn_attention` in aten's cuda/sdp_utils.cpp: older cuDNN mishandled
-sequence lengths not divisible by 128). The H200 had cuDNN 9.19. With an older cuDNN, torch puts flash first, so
+(`SdpaScope`, a pre/post hook pair on the transformer). The list enables backends; it does not order them. torch
+orders them itself, and its CUDA build puts cuDNN first on sm90/sm100 when cuDNN is newer than 9.15
+(`check_prefer_cudnn_attention` in aten's cuda/sdp_utils.cpp: older cuDNN mishandled sequence lengths not divisible
+by 128). The H200 had cuDNN 9.19. With an older cuDNN, torch puts flash first, so
 `cudnn` then runs flash through this processor.
 
 `auto` picks `cudnn` where it was measured on the H200 (2026-12-01): FLUX.1 transformers (dev, schnell, Kontext) on

@@ -75,7 +75,8 @@ class SpeedSettings:
     tier, three buckets, 2026-12-02) a cold run reached its third shape 42.1 s after its first step began with
     symbolic sizes against 64.7 s with fixed ones (11.0 against 11.4 s warm), for steps 1.1 % longer (0.3198
     against 0.3164 s): a second shape's compile (~25 s) is worth ~7,000 such steps. One shape compiles once either
-    way, so it keeps the fixed sizes' kernels. Chroma (its caption lengths vary too) was not run with them."""
+    way, so it keeps the fixed sizes' kernels. Chroma (its caption lengths vary too) keeps fixed sizes under `auto`;
+    Kontext (the FLUX.1 transformer with the control's tokens appended) was not run with symbolic sizes on a GPU."""
     blocks_per_graph: int = 1
     """With `compile_scope=blocks`: up to this many consecutive blocks of a kind form one compiled region
     (`fluxlora.perf.block_groups`), dividing the per-region host time (graph launches, guards, wrappers: ~46 ms of a

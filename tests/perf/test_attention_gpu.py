@@ -4,7 +4,8 @@ with compiled blocks, and the profiler sees cuDNN's SDPA ops run (the backends a
 call, so a compiled block must pick cuDNN when it is traced). Each variant runs in a process of its own: a failed
 cuDNN kernel leaves the CUDA context broken for what follows.
 Passed on the H200 (2026-12-01, torch 2.11 + cu130, cuDNN 9.19), the measurement behind `speed.attention: auto`
-picking cuDNN on Hopper (fluxlora/perf/attention.py)."""
+picking cuDNN on Hopper (fluxlora/perf/attention.py); both variants, with the profiler's check, passed there on
+2026-12-02."""
 
 from __future__ import annotations
 
