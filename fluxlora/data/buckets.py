@@ -171,10 +171,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
         self.sampler = _EpochForwarder(self)
-        groups: dict[tuple[int, int], int] = {}
-        for b, r in zip(self.buckets, self.repeats):
-            groups[b] = groups.get(b, 0) + r
-        total = sum(math.ceil(c / self.batch_size) for c in groups.values())
+        total = sum(math.ceil(c / self.batch_size) for c in self._bucket_samples().values())
         self._len = math.ceil(total / world_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -193,16 +190,20 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         """(samples, image tokens) of the batches any rank draws, every epoch alike: each compiled graph of fixed
         sizes serves one of them (`speed.dynamic_shapes: auto` reads how many there are). A bucket's last batch
         may be smaller; a bucket key with a control bucket (FLUX.1 Kontext) counts both images' tokens."""
-        groups: dict[tuple[int, ...], int] = {}
-        for b, r in zip(self.buckets, self.repeats):
-            groups[b] = groups.get(b, 0) + r
         shapes = set()
-        for b, count in groups.items():
+        for b, count in self._bucket_samples().items():
             tokens = sum(tokens_of(b[i:i + 2]) for i in range(0, len(b), 2))
             shapes.add((min(count, self.batch_size), tokens))
             if count > self.batch_size and count % self.batch_size:
                 shapes.add((count % self.batch_size, tokens))
         return shapes
+
+    def _bucket_samples(self) -> dict[tuple[int, ...], int]:
+        """Samples per bucket key in one epoch (repeats counted)."""
+        counts: dict[tuple[int, ...], int] = {}
+        for b, r in zip(self.buckets, self.repeats):
+            counts[b] = counts.get(b, 0) + r
+        return counts
 
     def epoch_batches(self, epoch: int) -> list[list[SampleKey]]:
         """All batches of this rank for an epoch."""

@@ -282,17 +282,19 @@ class FluxDataModule(L.LightningDataModule):
             dropout=[subsets[r.subset].caption_dropout_rate for r in self.records],
             rank=self.rank, world_size=self.world_size)
 
-    def step_shapes(self) -> set[tuple[int, int]]:
-        """(samples, image tokens) of the training batches (`BucketBatchSampler.step_shapes`)."""
+    def _batch_sampler(self) -> BucketBatchSampler:
+        """The training sampler, or one made like it before Lightning asks for it (the dataset scanned first)."""
         if not self.items:
             self.scan()
-        return (self.sampler or self.make_sampler()).step_shapes()
+        return self.sampler or self.make_sampler()
+
+    def step_shapes(self) -> set[tuple[int, int]]:
+        """(samples, image tokens) of the training batches (`BucketBatchSampler.step_shapes`)."""
+        return self._batch_sampler().step_shapes()
 
     def batches_per_epoch(self) -> int:
         """Batches this rank trains per epoch (all buckets, repeats included)."""
-        if not self.items:
-            self.scan()
-        return len(self.sampler or self.make_sampler())
+        return len(self._batch_sampler())
 
     def _order_id(self) -> str:
         """Identity of the sample order: a checkpoint's position only means something for the same order."""
