@@ -88,6 +88,8 @@ def _cases(p: dict[str, Path]) -> dict[str, tuple[list[str], str]]:
         "blocks_per_graph_tier": (["+vram=12gb", "speed.blocks_per_graph=4"],
                                   "speed.blocks_per_graph=4 runs whole groups of blocks in one call"),
         "graph_scope": (["speed.graph_scope=whole"], "speed.graph_scope='whole' is not one of auto, step, blocks"),
+        "dynamic_shapes": (["speed.dynamic_shapes=sometimes"],
+                           "speed.dynamic_shapes='sometimes' is not one of true, false, auto"),
         "graph_scope_chroma": (["speed.graph_scope=step", "+model.arch=chroma"],
                                "speed.graph_scope=step needs FLUX.1 or Kontext"),
         "cache_batch": (["data.cache_batch_size=0"], "data.cache_batch_size=0 must be a positive integer or auto"),
